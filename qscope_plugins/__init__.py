@@ -1,0 +1,25 @@
+"""qscope-plugins: Qwen-Scope SAEs and Qwen3 / Qwen3.5 models in TransformerLens, SAELens and nnsight.
+
+Importing the package registers everything with whichever frameworks are installed
+(idempotently); :func:`register` does the same explicitly and says what it registered.
+"""
+
+from ._register import register
+from .catalog import GROUPS, SAEGroup, find_group, get_group
+from .sae import FeatureSubset, QwenScopeSAE, SAEFormatError, TopKCodes, load_sae
+
+__version__ = "0.1.0"
+__all__ = [
+    "GROUPS",
+    "FeatureSubset",
+    "QwenScopeSAE",
+    "SAEFormatError",
+    "SAEGroup",
+    "TopKCodes",
+    "find_group",
+    "get_group",
+    "load_sae",
+    "register",
+]
+
+register()

@@ -1,0 +1,4 @@
+from qscope_plugins.cli import main
+import sys
+
+sys.exit(main())

@@ -1,0 +1,159 @@
+"""Plain HF transformers models, driven by torch forward hooks on the decoder-layer modules.
+
+The hook on ``layers[n]`` sees exactly what the Qwen-Scope SAEs were trained on (the model
+card hooks the same module). Generation is HF's own ``generate`` with the attention mask of a
+left-padded batch; the hooks edit each layer's output on the prefill call and on every decode step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .base import Backend, Batch, Editor, Intervention, Sampling
+
+# Where decoder layers live, most common first: Qwen3 / Qwen3.5 text models, the published
+# multimodal Qwen3.5 layout, older wrappers, GPT-2 style models.
+LAYER_PATHS = (
+    "model.layers",
+    "model.language_model.layers",
+    "language_model.model.layers",
+    "model.model.layers",
+    "transformer.h",
+    "gpt_neox.layers",
+    "model.decoder.layers",
+)
+
+
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def find_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder-layer list of ``model``, probing :data:`LAYER_PATHS`.
+
+    A candidate must be a ``ModuleList`` with ``num_hidden_layers`` entries, so a vision tower's
+    block list (or any other list) is never mistaken for the text layers.
+    """
+    expected = getattr(_text_config(model.config), "num_hidden_layers", None)
+    for path in LAYER_PATHS:
+        obj: object = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList) and (expected is None or len(obj) == expected):
+            return obj
+    raise ValueError(
+        f"cannot find the decoder layers of {type(model).__name__}: tried {', '.join(LAYER_PATHS)}"
+    )
+
+
+def _edit_output(edit: Callable[[Tensor], Tensor]):
+    """A forward hook applying ``edit`` to a layer output that is a tensor or a tuple led by one."""
+
+    def hook(module, args, output):
+        if isinstance(output, tuple):
+            return (edit(output[0]), *output[1:])
+        return edit(output)
+
+    return hook
+
+
+class HFBackend(Backend):
+    """A ``transformers`` causal LM (``PreTrainedModel``) with its tokenizer."""
+
+    name = "hf"
+
+    def __init__(self, model: nn.Module, tokenizer=None) -> None:
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(model.config.name_or_path)
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.layers = find_layers(model)
+        config = _text_config(model.config)
+        self.n_layers = len(self.layers)
+        self.d_model = int(config.hidden_size)
+        self.device = next(model.parameters()).device
+        self.model_name = model.config.name_or_path or None
+
+    @classmethod
+    def wraps(cls, obj: object) -> bool:
+        from transformers import PreTrainedModel
+
+        return isinstance(obj, PreTrainedModel)
+
+    @classmethod
+    def from_pretrained(cls, model: str, *, device: str = "cpu", dtype: torch.dtype | None = None, **kwargs) -> HFBackend:
+        """Load a hub id or local checkpoint with ``AutoModelForCausalLM`` (fp32 unless ``dtype``)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        hf = AutoModelForCausalLM.from_pretrained(model, dtype=dtype or torch.float32, **kwargs).to(device)
+        return cls(hf, AutoTokenizer.from_pretrained(model))
+
+    @contextlib.contextmanager
+    def _hooks(self, edits: dict[int, Callable[[Tensor], Tensor]]) -> Iterator[None]:
+        handles = [self.layers[n].register_forward_hook(_edit_output(fn)) for n, fn in edits.items()]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _editors(self, batch: Batch, interventions: Sequence[Intervention]) -> dict[int, Editor]:
+        dtype = next(self.model.parameters()).dtype
+        by_layer: dict[int, list[Intervention]] = {}
+        for iv in interventions:
+            by_layer.setdefault(iv.layer, []).append(iv.to(self.device, dtype))
+        return {n: Editor(ivs, batch.attention_mask) for n, ivs in by_layer.items()}
+
+    def _capture(self, batch: Batch, layers: Sequence[int], interventions: Sequence[Intervention]) -> dict[int, Tensor]:
+        editors = self._editors(batch, interventions)
+        captured: dict[int, Tensor] = {}
+
+        def edit_and_capture(n: int) -> Callable[[Tensor], Tensor]:
+            def fn(h: Tensor) -> Tensor:
+                if n in editors:
+                    h = editors[n](h)
+                if n in layers:
+                    captured[n] = h
+                return h
+
+            return fn
+
+        with self._hooks({n: edit_and_capture(n) for n in {*layers, *editors}}):
+            # Right padding + causal attention: no mask needed for the real positions, and none
+            # passed keeps the forward identical to the unpadded one.
+            self.model(input_ids=batch.input_ids, use_cache=False)
+        return captured
+
+    def _generate(self, batch: Batch, interventions: Sequence[Intervention], max_new_tokens: int, sampling: Sampling) -> Tensor:
+        editors = self._editors(batch, interventions)
+        with self._hooks(dict(editors)):
+            out = self.model.generate(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=0,
+                pad_token_id=self.pad_token_id,
+                eos_token_id=sorted(self.eos_token_ids) or None,
+                **hf_sampling_kwargs(sampling),
+            )
+        return out[:, batch.input_ids.shape[1] :]
+
+
+def hf_sampling_kwargs(sampling: Sampling) -> dict:
+    """``generate`` keyword arguments for ``sampling`` (greedy: ``do_sample=False``, no filters)."""
+    if not sampling.do_sample:
+        return {"do_sample": False, "temperature": None, "top_k": None, "top_p": None}
+    return {
+        "do_sample": True,
+        "temperature": sampling.temperature,
+        "top_k": sampling.top_k,
+        "top_p": sampling.top_p,
+    }

@@ -1,0 +1,141 @@
+"""TransformerLens models: ``HookedTransformer`` and ``TransformerBridge``, via hook points.
+
+Both expose ``blocks.{n}.hook_resid_post`` (on the bridge an alias of ``blocks.{n}.hook_out``),
+the output of decoder layer n, so captures and edits are TransformerLens hooks on that name.
+
+Generation: the bridge's own ``generate`` takes the left-padded batch's attention mask directly.
+``HookedTransformer.generate`` can only guess padding from the pad token id (a prompt that starts
+or ends with that id is mis-masked), so for it this module runs the same KV-cached loop with the
+mask stated explicitly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+from transformer_lens import HookedTransformer, TransformerLensKeyValueCache
+from transformer_lens.model_bridge import TransformerBridge
+from transformer_lens.utilities.logits_utils import sample_logits
+
+from .base import Backend, Batch, Editor, Intervention, Sampling
+
+
+def hook_name(layer: int) -> str:
+    return f"blocks.{layer}.hook_resid_post"
+
+
+class TransformerLensBackend(Backend):
+    """A ``HookedTransformer`` or a ``TransformerBridge`` (both need a tokenizer)."""
+
+    name = "transformer-lens"
+
+    def __init__(self, model: HookedTransformer | TransformerBridge, tokenizer=None) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer if tokenizer is not None else model.tokenizer
+        if self.tokenizer is None:
+            raise ValueError("this TransformerLens model has no tokenizer; pass tokenizer=")
+        self.n_layers = int(model.cfg.n_layers)
+        self.d_model = int(model.cfg.d_model)
+        self.device = next(model.parameters()).device
+        self.bridge = isinstance(model, TransformerBridge)
+        hf_config = getattr(getattr(model, "original_model", None), "config", None)
+        self.model_name = getattr(hf_config, "name_or_path", None) or getattr(model.cfg, "model_name", None)
+
+    @classmethod
+    def wraps(cls, obj: object) -> bool:
+        return isinstance(obj, (HookedTransformer, TransformerBridge))
+
+    @classmethod
+    def from_pretrained(
+        cls, model: str, *, device: str = "cpu", dtype: torch.dtype | None = None, hooked: bool = False
+    ) -> TransformerLensBackend:
+        """Boot ``model`` as a ``TransformerBridge`` (default; every Qwen3 / Qwen3.5 text model) or,
+        with ``hooked=True``, as a ``HookedTransformer`` without weight processing (the residual
+        stream the SAEs read must stay unchanged), after registering this package's adapters."""
+        dtype = dtype or torch.float32
+        if hooked:
+            from qscope_plugins import register
+
+            register()
+            tl = HookedTransformer.from_pretrained_no_processing(model, device=device, dtype=dtype)
+        else:
+            tl = TransformerBridge.boot_transformers(model, device=device, dtype=dtype)
+        return cls(tl)
+
+    def _hooks(self, batch: Batch, interventions: Sequence[Intervention]) -> dict[int, Editor]:
+        dtype = self.model.cfg.dtype
+        by_layer: dict[int, list[Intervention]] = {}
+        for iv in interventions:
+            by_layer.setdefault(iv.layer, []).append(iv.to(self.device, dtype))
+        return {n: Editor(ivs, batch.attention_mask) for n, ivs in by_layer.items()}
+
+    @staticmethod
+    def _fwd_hooks(fns: dict[int, Callable[[Tensor], Tensor]]) -> list[tuple[str, Callable]]:
+        return [(hook_name(n), lambda h, hook, fn=fn: fn(h)) for n, fn in fns.items()]
+
+    def _capture(self, batch: Batch, layers: Sequence[int], interventions: Sequence[Intervention]) -> dict[int, Tensor]:
+        editors = self._hooks(batch, interventions)
+        captured: dict[int, Tensor] = {}
+
+        def edit_and_capture(n: int) -> Callable[[Tensor], Tensor]:
+            def fn(h: Tensor) -> Tensor:
+                if n in editors:
+                    h = editors[n](h)
+                if n in layers:
+                    captured[n] = h
+                return h
+
+            return fn
+
+        hooks = self._fwd_hooks({n: edit_and_capture(n) for n in {*layers, *editors}})
+        # Right padding + causal attention: the real positions need no mask (see backends.base).
+        # HookedTransformer can stop after the last captured layer; later edits cannot matter.
+        kwargs = {} if self.bridge else {"stop_at_layer": max(layers) + 1}
+        with self.model.hooks(fwd_hooks=hooks):
+            self.model(batch.input_ids, **kwargs)
+        return captured
+
+    def _generate(self, batch: Batch, interventions: Sequence[Intervention], max_new_tokens: int, sampling: Sampling) -> Tensor:
+        hooks = self._fwd_hooks(dict(self._hooks(batch, interventions)))
+        with self.model.hooks(fwd_hooks=hooks):
+            if self.bridge:
+                out = self.model.generate(
+                    batch.input_ids,
+                    attention_mask=batch.attention_mask,
+                    max_new_tokens=max_new_tokens,
+                    stop_at_eos=True,
+                    eos_token_id=sorted(self.eos_token_ids) or None,
+                    do_sample=sampling.do_sample,
+                    top_k=sampling.top_k,
+                    top_p=sampling.top_p,
+                    temperature=sampling.temperature,
+                    return_type="tokens",
+                    verbose=False,
+                )
+                return out[:, batch.input_ids.shape[1] :]
+            return self._hooked_generate(batch, max_new_tokens, sampling)
+
+    def _hooked_generate(self, batch: Batch, max_new_tokens: int, sampling: Sampling) -> Tensor:
+        """KV-cached decoding for ``HookedTransformer`` with the padding mask stated, not guessed."""
+        model: HookedTransformer = self.model
+        size = batch.input_ids.shape[0]
+        cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, size)
+        eos = torch.tensor(sorted(self.eos_token_ids) or [-1], device=self.device)
+        done = torch.zeros(size, dtype=torch.bool, device=self.device)
+        tokens, mask, new = batch.input_ids, batch.attention_mask, []
+        for _ in range(max_new_tokens):
+            logits = model(tokens, attention_mask=mask, past_kv_cache=cache)[:, -1]
+            if sampling.do_sample:
+                step = sample_logits(logits, top_k=sampling.top_k, top_p=sampling.top_p, temperature=sampling.temperature)
+            else:
+                step = logits.argmax(-1)
+            step = torch.where(done, self.pad_token_id, step)
+            new.append(step)
+            done |= torch.isin(step, eos)
+            if bool(done.all()):
+                break
+            tokens, mask = step[:, None], torch.ones_like(step[:, None])
+        return torch.stack(new, dim=1)
+

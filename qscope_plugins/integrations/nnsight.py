@@ -1,0 +1,168 @@
+"""nnsight: ship :mod:`qscope_plugins.remote` with remote requests, and check requests before they go.
+
+An NDIF server imports only what it has installed, so ``qscope_plugins.remote`` (torch-only) is
+registered with ``nnsight.register`` and its source travels with each request. Every remote path
+(``remote=True``, ``remote="local"``, a custom ``RemoteBackend``) serializes through
+``RequestModel.serialize``; :func:`register` wraps it so that, before anything is sent, the
+module is registered and :func:`check_request` refuses a block that would carry a full SAE
+(about 2 GiB per W128K layer, on every request), an object NDIF cannot import, or a steering
+or encoder-row spec that does not fit the model.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from dataclasses import fields, is_dataclass
+from typing import Any
+
+import cloudpickle
+import nnsight
+import torch
+from nnsight.intervention.serialization import reduce_block
+from nnsight.schema.request import RequestModel
+
+from .. import remote
+
+#: Captured tensors above this total refuse to travel: the smallest Qwen-Scope encoder is 256 MiB.
+MAX_CAPTURED_BYTES = 128 * 2**20
+
+_UNSHIPPABLE = ("sae_lens", "transformer_lens", "qscope_plugins")
+_GUARD_FLAG = "_qscope_request_check"
+
+_WHAT_TO_DO = (
+    "Build what the trace needs before it starts: qscope_plugins.nnsight_api.steering(model, layer, "
+    "sae=sae, features={...}) ships one d_model vector; nnsight_api.encoder_rows(model, layer, sae, "
+    "features) ships only those encoder rows; for Top-k codes save remote.residual(model, layer) in "
+    "the trace and call sae.encode_sparse on it afterwards"
+)
+
+
+class RemoteRequestError(ValueError):
+    """A remote trace would send something it must not; raised before anything is sent."""
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _origin(value: Any) -> str:
+    if isinstance(value, types.ModuleType):
+        return value.__name__
+    if isinstance(value, (types.FunctionType, type)):
+        return value.__module__ or ""
+    return type(value).__module__ or ""
+
+
+def _unshippable(value: Any) -> bool:
+    origin = _origin(value)
+    return origin.split(".")[0] in _UNSHIPPABLE and origin != remote.__name__
+
+
+class _Checker:
+    """Walks the values a block captures; collects tensor bytes and raises on the first problem."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.bytes = 0
+        self.seen: set[int] = set()
+        self._layout: remote.Layout | None = None
+
+    def layout(self) -> remote.Layout:
+        if self._layout is None:
+            self._layout = remote.layout(self.model)
+        return self._layout
+
+    def visit(self, name: str, value: Any) -> None:
+        if id(value) in self.seen:
+            return
+        self.seen.add(id(value))
+        if isinstance(value, torch.Tensor):
+            self.bytes += value.untyped_storage().nbytes()
+        elif isinstance(value, torch.nn.Module):
+            size = sum(t.untyped_storage().nbytes() for t in value.state_dict().values())
+            if hasattr(value, "W_enc") and hasattr(value, "W_dec"):
+                raise RemoteRequestError(
+                    f"this remote trace captures `{name}`, a full SAE ({_mib(size)}), which would travel "
+                    f"with every request and cannot be imported on NDIF. {_WHAT_TO_DO}"
+                )
+            raise RemoteRequestError(
+                f"this remote trace captures `{name}`, a {type(value).__name__} module ({_mib(size)} of "
+                "weights that would travel with the request); reach the model's modules through the "
+                "nnsight model inside the trace, and pass other weights as the small tensors needed"
+            )
+        elif isinstance(value, (remote.Steering, remote.EncoderRows)):
+            if self.model is not None:
+                where = self.layout()
+                where.check_layer(value.layer)
+                where.check_vector(value.vector if isinstance(value, remote.Steering) else value.weight, f"`{name}`")
+            self.visit_fields(name, value)
+        elif _unshippable(value):
+            label = getattr(value, "__qualname__", None) or type(value).__qualname__
+            raise RemoteRequestError(
+                f"this remote trace captures `{name}` ({label} from {_origin(value)}), which the NDIF "
+                f"server cannot import: inside a remote trace use only qscope_plugins.remote and plain "
+                f"tensors. {_WHAT_TO_DO}"
+            )
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                self.visit(f"{name}[{key!r}]", item)
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            for i, item in enumerate(value):
+                self.visit(f"{name}[{i}]", item)
+        elif is_dataclass(value) and not isinstance(value, type):
+            self.visit_fields(name, value)
+
+    def visit_fields(self, name: str, value: Any) -> None:
+        for field in fields(value):
+            self.visit(f"{name}.{field.name}", getattr(value, field.name))
+
+
+def check_request(tracer: Any) -> None:
+    """Raise :class:`RemoteRequestError` (or a layout/range error) if ``tracer``'s block must not be sent.
+
+    Looks at exactly what nnsight would ship: the names the block reads, reduced the way
+    ``RequestModel.serialize`` reduces them.
+    """
+    if tracer.node is None or tracer.info is None:
+        return
+    frame = tracer.info.frame
+    _, used_globals, used_locals = reduce_block(tracer.node, frame.f_globals, dict(frame.f_locals))
+    checker = _Checker(getattr(tracer, "envoy", None))
+    for name, value in {**used_globals, **used_locals}.items():
+        checker.visit(name, value)
+    if checker.bytes > MAX_CAPTURED_BYTES:
+        raise RemoteRequestError(
+            f"this remote trace captures {_mib(checker.bytes)} of tensors (limit {_mib(MAX_CAPTURED_BYTES)}), "
+            f"which would travel with every request; a full SAE weight matrix is this large. {_WHAT_TO_DO}"
+        )
+
+
+def _register_remote_module() -> bool:
+    if remote.__name__ in cloudpickle.list_registry_pickle_by_value():
+        return False
+    nnsight.register(remote)
+    return True
+
+
+def _checked(serialize: Any) -> Any:
+    @functools.wraps(serialize)
+    def checked_serialize(cls: type, tracer: Any, compress: bool = False) -> bytes:
+        _register_remote_module()
+        check_request(tracer)
+        return serialize(cls, tracer, compress)
+
+    setattr(checked_serialize, _GUARD_FLAG, True)
+    return classmethod(checked_serialize)
+
+
+def register() -> list[str]:
+    """Register ``qscope_plugins.remote`` for remote traces and install the request check; idempotent."""
+    done = []
+    if _register_remote_module():
+        done.append(f"nnsight.register({remote.__name__})")
+    serialize = RequestModel.serialize.__func__
+    if not getattr(serialize, _GUARD_FLAG, False):
+        RequestModel.serialize = _checked(serialize)
+        done.append("check of remote requests before sending (no full SAEs, layers in range)")
+    return done

@@ -1,0 +1,98 @@
+"""SAELens: the Qwen-Scope architecture, a safe and lean loader, and the 14 releases.
+
+After :func:`register`, ``SAE.from_pretrained("qwen-scope-3-1.7b-base-w32k-l50", "layer0")``
+goes through :func:`qscope_plugins.load_sae` (``weights_only`` memory-mapped reading, about one
+copy of the file in memory, correct Qwen3.5 module path) and returns a ``QwenScopeSAE``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from typing import Any
+
+import torch
+from sae_lens.loading import pretrained_sae_loaders as loaders
+from sae_lens.loading.pretrained_saes_directory import PretrainedSAELookup, get_pretrained_saes_directory
+from sae_lens.registry import SAE_CLASS_REGISTRY, register_sae_class
+
+from ..catalog import GROUPS, find_group
+from ..sae.loading import load_sae
+from ..sae.topk import ARCHITECTURE, QwenScopeSAE, QwenScopeSAEConfig
+
+CONVERTER = "qscope"
+
+
+def _layer_of(folder_name: str) -> int:
+    match = re.fullmatch(r"layer(\d+)\.sae\.pt", folder_name)
+    if match is None:
+        raise ValueError(f"expected a Qwen-Scope file name like 'layer3.sae.pt', got {folder_name!r}")
+    return int(match.group(1))
+
+
+def _sae_lens_cfg(sae: QwenScopeSAE) -> dict[str, Any]:
+    cfg = sae.cfg.to_dict()
+    cfg["metadata"] = sae.cfg.metadata.to_dict()
+    return cfg
+
+
+def qscope_loader(
+    repo_id: str,
+    folder_name: str,
+    device: str = "cpu",
+    force_download: bool = False,
+    cfg_overrides: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], None]:
+    """SAELens ``PretrainedSaeHuggingfaceLoader`` over :func:`load_sae`."""
+    overrides = dict(cfg_overrides or {})
+    sae = load_sae(repo_id, _layer_of(folder_name), device=overrides.get("device", device),
+                   dtype=overrides.get("dtype"), k=overrides.get("k"))
+    state = {"W_enc": sae.W_enc.data, "W_dec": sae.W_dec.data, "b_enc": sae.b_enc.data, "b_dec": sae.b_dec.data}
+    return _sae_lens_cfg(sae), state, None
+
+
+def qscope_config(
+    repo_id: str,
+    folder_name: str,
+    device: str,
+    force_download: bool = False,
+    cfg_overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The SAELens config of one layer, from the catalog alone (no download)."""
+    from ..sae.topk import make_config
+
+    group = find_group(repo_id)
+    if group is None:
+        raise ValueError(f"{repo_id} is not a Qwen-Scope repository")
+    layer = _layer_of(folder_name)
+    cfg = make_config(group.d_model, group.d_sae, group.k, layer=layer, device=device,
+                      model_name=group.model, hf_hook_name=group.hf_hook_name(layer),
+                      metadata={"sae_source": repo_id, "qwen_scope_group": group.release})
+    return {**cfg.to_dict(), **(cfg_overrides or {})}
+
+
+def register() -> list[str]:
+    """Register the SAE class, the ``qscope`` converter and all 14 releases; idempotent."""
+    done: list[str] = []
+    if ARCHITECTURE not in SAE_CLASS_REGISTRY:
+        register_sae_class(ARCHITECTURE, QwenScopeSAE, QwenScopeSAEConfig)
+        done.append(f"sae class {ARCHITECTURE}")
+    if loaders.NAMED_PRETRAINED_SAE_LOADERS.get(CONVERTER) is not qscope_loader:
+        loaders.NAMED_PRETRAINED_SAE_LOADERS[CONVERTER] = qscope_loader
+        loaders.NAMED_PRETRAINED_SAE_CONFIG_GETTERS[CONVERTER] = qscope_config
+        done.append(f"converter {CONVERTER}")
+    directory = get_pretrained_saes_directory()
+    for group in GROUPS:
+        entry = directory.get(group.release)
+        if entry is not None and entry.conversion_func == CONVERTER:
+            continue
+        layers = {f"layer{n}": group.filename(n) for n in range(group.n_layers)}
+        if entry is None:
+            entry = PretrainedSAELookup(
+                release=group.release, repo_id=group.repo_id, model=group.model, conversion_func=CONVERTER,
+                saes_map=layers, expected_var_explained={}, expected_l0={}, neuronpedia_id={},
+                norm_scaling_factor={}, config_overrides=None,
+            )
+        directory[group.release] = replace(entry, conversion_func=CONVERTER)
+        done.append(f"release {group.release}")
+    return done

@@ -1,0 +1,97 @@
+"""The released Qwen-Scope layer file: a plain dict of four float tensors, read safely.
+
+``layer{n}.sae.pt`` holds ``W_enc (d_sae, d_model)``, ``W_dec (d_model, d_sae)``,
+``b_enc (d_sae,)`` and ``b_dec (d_model,)``. Reading goes through
+``torch.load(weights_only=True, mmap=True)`` only, so no arbitrary object is ever unpickled
+and nothing is copied until the caller decides the target device and dtype.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+
+KEYS = ("W_enc", "W_dec", "b_enc", "b_dec")
+
+
+class SAEFormatError(ValueError):
+    """A file is not a valid Qwen-Scope SAE layer; the message names the file and the key."""
+
+
+def read_layer_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Memory-map a released layer file and return its four tensors, unvalidated shapes aside.
+
+    Raises :class:`SAEFormatError` for anything that is not a zip-format checkpoint holding
+    only tensors (a pickle with code in it is refused before anything runs).
+    """
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        raise SAEFormatError(
+            f"{path}: refused to unpickle: the file holds objects other than tensors "
+            f"(only weights_only loading is allowed): {err}"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise SAEFormatError(
+            f"{path}: not a readable PyTorch zip checkpoint (truncated or corrupt?): {err}"
+        ) from None
+    if not isinstance(state, dict):
+        raise SAEFormatError(
+            f"{path}: expected a dict of tensors with keys {', '.join(KEYS)}, got {type(state).__name__}"
+        )
+    missing = [key for key in KEYS if key not in state]
+    if missing:
+        raise SAEFormatError(
+            f"{path}: missing key {missing[0]!r} (expected keys {', '.join(KEYS)}; found {sorted(map(str, state))})"
+        )
+    extra = sorted(str(key) for key in state if key not in KEYS)
+    if extra:
+        raise SAEFormatError(f"{path}: unexpected keys {extra} (expected exactly {', '.join(KEYS)})")
+    for key in KEYS:
+        value = state[key]
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            kind = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+            raise SAEFormatError(f"{path}: key {key!r} must be a floating-point tensor, got {kind}")
+    return state
+
+
+def check_shapes(
+    state: dict[str, torch.Tensor],
+    source: str,
+    *,
+    d_model: int | None = None,
+    d_sae: int | None = None,
+) -> tuple[int, int]:
+    """Check the four shapes against each other (and the catalog, when known); return (d_model, d_sae)."""
+    W_enc = state["W_enc"]
+    if W_enc.ndim != 2:
+        raise SAEFormatError(f"{source}: key 'W_enc' must be 2-D (d_sae, d_model), got shape {tuple(W_enc.shape)}")
+    found_sae, found_model = W_enc.shape
+    expected = {
+        "W_enc": (d_sae or found_sae, d_model or found_model),
+        "W_dec": (d_model or found_model, d_sae or found_sae),
+        "b_enc": (d_sae or found_sae,),
+        "b_dec": (d_model or found_model,),
+    }
+    names = {"W_enc": "(d_sae, d_model)", "W_dec": "(d_model, d_sae)", "b_enc": "(d_sae,)", "b_dec": "(d_model,)"}
+    for key, shape in expected.items():
+        if tuple(state[key].shape) != shape:
+            raise SAEFormatError(
+                f"{source}: key {key!r} has shape {tuple(state[key].shape)}, expected {names[key]} = {shape}"
+            )
+    return expected["b_dec"][0], expected["b_enc"][0]
+
+
+def check_finite(tensor: torch.Tensor, source: str, key: str) -> None:
+    if not bool(torch.isfinite(tensor).all()):
+        raise SAEFormatError(f"{source}: key {key!r} holds non-finite values (NaN or inf)")
+
+
+def save_layer_file(path: str | Path, state: dict[str, torch.Tensor]) -> Path:
+    """Write the four tensors exactly as Qwen-Scope does (``torch.save`` of a plain dict)."""
+    path = Path(path)
+    torch.save({key: state[key].detach().contiguous() for key in KEYS}, path)
+    return path

@@ -1,0 +1,240 @@
+"""``QwenScopeSAE``: the Qwen-Scope Top-k SAE as a real SAELens ``TopKSAE``.
+
+Math (``../shared/qwen_scope_facts.md`` §1): ``pre = W_enc x + b_enc`` (no ``b_dec``
+pre-subtraction, no input normalisation), ``z = ReLU(TopK_k(pre))``, ``x_hat = W_dec z + b_dec``.
+
+SAELens stores ``W_enc`` as ``(d_in, d_sae)`` and ``W_dec`` as ``(d_sae, d_in)``. Here
+``W_enc`` is a transposed *view* of the released ``(d_sae, d_model)`` rows (no copy at load
+time; the GEMM reads either layout at the same speed), and ``W_dec`` is contiguous with one row
+per feature, which is what sparse decoding gathers from.
+
+The sparse path (``encode_sparse`` / ``decode_sparse``) never builds an ``N x d_sae`` code
+tensor; long inputs are processed ``chunk_size`` rows at a time so not even the
+pre-activations of the whole input exist at once. The dense ``encode`` / ``decode`` /
+``forward`` keep SAELens semantics and hooks for ``HookedSAETransformer`` and friends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
+from typing_extensions import override
+
+from . import kernels_bridge as kb
+
+ARCHITECTURE = "qwen_scope_topk"
+
+
+class TopKCodes(NamedTuple):
+    """Sparse Top-k codes: ``values[..., i]`` is the activation of feature ``indices[..., i]``."""
+
+    values: torch.Tensor
+    """Activations, shape ``(..., k)``, sorted in descending order (ReLU applied unless ``relu=False``)."""
+    indices: torch.Tensor
+    """Feature ids, shape ``(..., k)``, int64."""
+
+
+@dataclass
+class QwenScopeSAEConfig(TopKSAEConfig):
+    """TopK config plus the ReLU switch: ``relu=False`` gives the model-card encoder."""
+
+    relu: bool = True
+    apply_b_dec_to_input: bool = False
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return ARCHITECTURE
+
+
+class QwenScopeSAE(TopKSAE):
+    """A Qwen-Scope Top-k SAE usable everywhere SAELens accepts an ``SAE``."""
+
+    cfg: QwenScopeSAEConfig  # type: ignore[assignment]
+
+    #: Rows processed at once by the sparse path; bounds the pre-activation buffer.
+    chunk_size: int = 4096
+
+    def __init__(self, cfg: QwenScopeSAEConfig, use_error_term: bool = False):
+        if cfg.k > cfg.d_sae:
+            raise ValueError(f"k={cfg.k} exceeds d_sae={cfg.d_sae}")
+        if cfg.apply_b_dec_to_input or cfg.normalize_activations != "none":
+            raise ValueError("Qwen-Scope SAEs read raw residuals: apply_b_dec_to_input=False, normalize_activations='none'")
+        super().__init__(cfg, use_error_term)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_weights(
+        cls,
+        W_enc: torch.Tensor,
+        W_dec: torch.Tensor,
+        b_enc: torch.Tensor,
+        b_dec: torch.Tensor,
+        *,
+        k: int,
+        layer: int | None = None,
+        relu: bool = True,
+        model_name: str | None = None,
+        metadata: dict | None = None,
+    ) -> QwenScopeSAE:
+        """Build from tensors in the *released* orientation (``W_enc (d_sae, d_model)``, ``W_dec (d_model, d_sae)``)."""
+        from .format import check_finite, check_shapes
+
+        state = {"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_dec": b_dec}
+        d_model, d_sae = check_shapes(state, "from_weights")
+        for key, value in state.items():
+            check_finite(value, "from_weights", key)
+        cfg = make_config(d_model, d_sae, k, layer=layer, relu=relu, dtype=W_enc.dtype,
+                          device=W_enc.device, model_name=model_name, metadata=metadata)
+        return cls.from_parts(cfg, W_enc.detach(), W_dec.detach().T.contiguous(), b_enc.detach(), b_dec.detach())
+
+    @classmethod
+    def from_parts(
+        cls,
+        cfg: QwenScopeSAEConfig,
+        W_enc_rows: torch.Tensor,
+        W_dec_rows: torch.Tensor,
+        b_enc: torch.Tensor,
+        b_dec: torch.Tensor,
+    ) -> QwenScopeSAE:
+        """Assemble without copying: both weights given with one row per feature, ``(d_sae, d_model)``."""
+        device = cfg.device
+        cfg.device = "meta"
+        sae = cls(cfg)
+        sae.cfg.device = device
+        sae.device = torch.device(device)
+        sae.load_state_dict(
+            {"W_enc": W_enc_rows.T, "W_dec": W_dec_rows, "b_enc": b_enc, "b_dec": b_dec}, assign=True
+        )
+        return sae
+
+    # ------------------------------------------------------------------ metadata
+    @property
+    def layer(self) -> int | None:
+        """Decoder layer read by this SAE (parsed from ``blocks.{n}.hook_resid_post``)."""
+        parts = (self.cfg.metadata.hook_name or "").split(".")
+        return int(parts[1]) if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit() else None
+
+    @property
+    def k(self) -> int:
+        return self.cfg.k
+
+    # ------------------------------------------------------------------ encoder
+    def encode_pre(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw pre-activations ``W_enc x + b_enc`` (before Top-k and ReLU), shape ``(..., d_sae)``."""
+        return self.hook_sae_acts_pre(self.process_sae_in(x) @ self.W_enc + self.b_enc)
+
+    @override
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense codes ``ReLU(TopK_k(pre))`` (SAELens-compatible; hooks fire)."""
+        pre = self.encode_pre(x)
+        values, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)
+        if self.cfg.relu:
+            values = values.relu()
+        return self.hook_sae_acts_post(torch.zeros_like(pre).scatter_(-1, indices, values))
+
+    def encode_sparse(self, x: torch.Tensor) -> TopKCodes:
+        """Top-k codes without any dense ``N x d_sae`` code tensor, processed in chunks of rows."""
+        x = self._check_input(x)
+        flat = x.reshape(-1, self.cfg.d_in)
+        values = torch.empty(flat.shape[0], self.cfg.k, dtype=self.dtype, device=flat.device)
+        indices = torch.empty(flat.shape[0], self.cfg.k, dtype=torch.long, device=flat.device)
+        W_rows = self.W_enc.T
+        for start in range(0, flat.shape[0], self.chunk_size):
+            stop = start + self.chunk_size
+            v, i = kb.topk_encode(flat[start:stop].to(self.dtype), W_rows, self.b_enc, self.cfg.k)
+            values[start:stop], indices[start:stop] = v, i
+        if self.cfg.relu:
+            values.relu_()
+        shape = (*x.shape[:-1], self.cfg.k)
+        return TopKCodes(values.reshape(shape), indices.reshape(shape))
+
+    # ------------------------------------------------------------------ decoder
+    def decode_sparse(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """``x_hat = sum_i values_i W_dec[indices_i] + b_dec``, shape ``(..., d_in)``."""
+        if values.shape != indices.shape:
+            raise ValueError(f"values {tuple(values.shape)} and indices {tuple(indices.shape)} must have the same shape")
+        flat_v = values.reshape(-1, values.shape[-1]).to(self.dtype)
+        flat_i = indices.reshape(-1, indices.shape[-1])
+        out = torch.empty(flat_v.shape[0], self.cfg.d_in, dtype=self.dtype, device=self.W_dec.device)
+        for start in range(0, flat_v.shape[0], self.chunk_size):
+            stop = start + self.chunk_size
+            out[start:stop] = kb.decode(flat_v[start:stop], flat_i[start:stop], self.W_dec, self.b_dec)
+        return out.reshape(*values.shape[:-1], self.cfg.d_in)
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """``decode_sparse(*encode_sparse(x))``: the fast reconstruction, no hooks."""
+        return self.decode_sparse(*self.encode_sparse(x))
+
+    # ------------------------------------------------------------------ features
+    def direction(self, feature: int) -> torch.Tensor:
+        """The raw decoder column of ``feature`` (not re-normalised), shape ``(d_in,)``."""
+        return self.directions([feature])[0]
+
+    def directions(self, features: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Raw decoder columns of ``features``, shape ``(len(features), d_in)`` (a copy)."""
+        ids = self._check_features(features)
+        return self.W_dec.detach()[ids.to(self.W_dec.device)].clone()
+
+    def _check_features(self, features: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        ids = torch.as_tensor(features, dtype=torch.long).reshape(-1)
+        bad = ids[(ids < 0) | (ids >= self.cfg.d_sae)]
+        if bad.numel():
+            raise ValueError(f"feature id {int(bad[0])} out of range [0, {self.cfg.d_sae}) for this SAE")
+        return ids
+
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.cfg.d_in:
+            raise ValueError(f"input last dimension {x.shape[-1]} != SAE d_in {self.cfg.d_in}")
+        return x
+
+    @override
+    def process_state_dict_for_saving(self, state_dict: dict) -> None:
+        # safetensors needs contiguous tensors; W_enc is usually a transposed view.
+        state_dict["W_enc"] = state_dict["W_enc"].contiguous()
+
+
+def make_config(
+    d_model: int,
+    d_sae: int,
+    k: int,
+    *,
+    layer: int | None = None,
+    relu: bool = True,
+    dtype: torch.dtype | str = torch.float32,
+    device: torch.device | str = "cpu",
+    model_name: str | None = None,
+    hf_hook_name: str | None = None,
+    metadata: dict | None = None,
+) -> QwenScopeSAEConfig:
+    """A config with the Qwen-Scope conventions and SAELens metadata filled in."""
+    from sae_lens.saes.sae import SAEMetadata
+    from sae_lens.util import dtype_to_str
+
+    if k > d_sae:
+        raise ValueError(f"k={k} exceeds d_sae={d_sae}")
+    meta = {
+        "model_name": model_name,
+        "hook_name": f"blocks.{layer}.hook_resid_post" if layer is not None else None,
+        "hf_hook_name": hf_hook_name,
+        "hook_head_index": None,
+        "prepend_bos": False,
+        "context_size": None,
+        "dataset_path": None,
+        **(metadata or {}),
+    }
+    return QwenScopeSAEConfig(
+        d_in=d_model,
+        d_sae=d_sae,
+        k=k,
+        relu=relu,
+        dtype=dtype if isinstance(dtype, str) else dtype_to_str(dtype),
+        device=str(device),
+        apply_b_dec_to_input=False,
+        normalize_activations="none",
+        metadata=SAEMetadata(**meta),
+    )

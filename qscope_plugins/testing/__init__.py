@@ -1,0 +1,1 @@
+"""Test helpers shipped with the package: tiny random-weight models that need no network."""

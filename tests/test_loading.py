@@ -1,0 +1,173 @@
+"""load_sae: sources, safety, validation and memory."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from qscope_plugins import FeatureSubset, QwenScopeSAE, SAEFormatError, load_sae
+from qscope_plugins.testing.sae_files import make_fake_hub_repo, random_sae_state, write_released_layer
+
+TINY_REPO = "Qwen/SAE-Res-Tiny-W1K-L0_8"  # follows the naming pattern: d_sae 1024, k 8
+
+
+@pytest.fixture(scope="module")
+def tiny_state():
+    return random_sae_state(32, 1024, seed=2)
+
+
+def test_local_directory_and_single_file(tmp_path, tiny_state):
+    write_released_layer(tmp_path, 2, tiny_state)
+    sae = load_sae(tmp_path, 2, k=8)
+    assert isinstance(sae, QwenScopeSAE) and sae.cfg.k == 8 and sae.layer == 2
+    same = load_sae(tmp_path / "layer2.sae.pt", 2, k=8)
+    torch.testing.assert_close(same.W_dec, sae.W_dec)
+    torch.testing.assert_close(sae.W_enc, tiny_state["W_enc"].T)
+    torch.testing.assert_close(sae.W_dec, tiny_state["W_dec"].T)
+
+
+def test_k_required_without_a_name(tmp_path, tiny_state):
+    write_released_layer(tmp_path, 0, tiny_state)
+    with pytest.raises(ValueError, match=r"k \(the Top-k size\) is not in the file; pass k=\.\.\."):
+        load_sae(tmp_path, 0)
+
+
+def test_k_and_width_from_a_qwen_scope_style_directory_name(tmp_path, tiny_state):
+    directory = tmp_path / "SAE-Res-Tiny-W1K-L0_8"
+    write_released_layer(directory, 0, tiny_state)
+    assert load_sae(directory, 0).cfg.k == 8
+
+
+def test_k_in_name_larger_than_d_sae(tmp_path, tiny_state):
+    directory = tmp_path / "SAE-Res-Tiny-W1K-L0_2000"
+    write_released_layer(directory, 0, tiny_state)
+    with pytest.raises(ValueError, match=r"k=2000 must be in \[1, d_sae=1024\]"):
+        load_sae(directory, 0)
+
+
+def test_hub_cache_offline(offline_hub, tiny_state):
+    snapshot = make_fake_hub_repo(offline_hub, TINY_REPO, {1: tiny_state})
+    sae = load_sae(TINY_REPO, 1)
+    assert sae.cfg.k == 8 and sae.cfg.d_sae == 1024
+    assert sae.cfg.metadata.sae_source == TINY_REPO
+    assert sae.cfg.metadata.sae_revision == snapshot.name
+
+
+def test_missing_repo_offline_names_repo_and_command(offline_hub, real_group):
+    group = real_group
+    with pytest.raises(FileNotFoundError) as err:
+        load_sae(group.release, 4)
+    assert str(err.value) == (
+        f"{group.repo_id}: layer4.sae.pt is not in the local Hugging Face cache and cannot be downloaded "
+        f"(offline or unreachable hub). Download it first with: hf download {group.repo_id} layer4.sae.pt"
+    )
+
+
+def test_unknown_source_and_layer_range(offline_hub, real_group):
+    with pytest.raises(FileNotFoundError, match="neither a known Qwen-Scope repo id"):
+        load_sae("no-such-thing", 0)
+    with pytest.raises(ValueError, match=r"layer 28 out of range for Qwen/SAE-Res-Qwen3-1.7B-Base-W32K-L0_50 \(layers 0-27\)"):
+        load_sae(real_group.release, 28)
+
+
+def test_catalog_shapes_are_enforced(offline_hub, tiny_state, real_group):
+    group = real_group
+    make_fake_hub_repo(offline_hub, group.repo_id, {0: tiny_state})
+    with pytest.raises(SAEFormatError) as err:
+        load_sae(group.repo_id, 0)
+    assert "layer0.sae.pt: key 'W_enc' has shape (1024, 32), expected (d_sae, d_model) = (32768, 2048)" in str(err.value)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    payload = _Payload()
+    payload.marker = marker
+    torch.save({"W_enc": torch.zeros(2, 2), "evil": payload}, tmp_path / "layer0.sae.pt")
+    with pytest.raises(SAEFormatError, match="refused to unpickle"):
+        load_sae(tmp_path, 0, k=1)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "mutate,message",
+    [
+        (lambda s: s.pop("W_dec"), r"missing key 'W_dec'"),
+        (lambda s: s.update(W_dec=s["W_dec"][:, :-1]),
+         r"key 'W_dec' has shape \(32, 1023\), expected \(d_model, d_sae\) = \(32, 1024\)"),
+        (lambda s: s.update(b_dec=torch.zeros(31)), r"key 'b_dec' has shape \(31,\), expected \(d_model,\) = \(32,\)"),
+        (lambda s: s["W_dec"].__setitem__((3, 3), float("nan")), r"key 'W_dec' holds non-finite values"),
+        (lambda s: s.update(extra=torch.zeros(1)), r"unexpected keys \['extra'\]"),
+        (lambda s: s.update(b_enc=torch.zeros(1024, dtype=torch.int64)), r"key 'b_enc' must be a floating-point tensor"),
+    ],
+)
+def test_malformed_files(tmp_path, tiny_state, mutate, message):
+    state = {key: value.clone() for key, value in tiny_state.items()}
+    mutate(state)
+    torch.save(state, tmp_path / "layer0.sae.pt")
+    with pytest.raises(SAEFormatError, match=message) as err:
+        load_sae(tmp_path, 0, k=8)
+    assert str(tmp_path / "layer0.sae.pt") in str(err.value)
+
+
+def test_truncated_file(tmp_path, tiny_state):
+    path = write_released_layer(tmp_path, 0, tiny_state)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(SAEFormatError, match="not a readable PyTorch zip checkpoint"):
+        load_sae(tmp_path, 0, k=8)
+
+
+def test_dtype_and_feature_subset(tmp_path, tiny_state):
+    write_released_layer(tmp_path, 0, tiny_state)
+    bf16 = load_sae(tmp_path, 0, k=8, dtype="bf16")
+    assert bf16.W_enc.dtype == bf16.W_dec.dtype == torch.bfloat16
+    sub = load_sae(tmp_path, 0, k=8, features=[5, 700])
+    assert isinstance(sub, FeatureSubset)
+    torch.testing.assert_close(sub.directions(), tiny_state["W_dec"][:, [5, 700]].T)
+    torch.testing.assert_close(sub.direction(700), tiny_state["W_dec"][:, 700])
+    x = torch.randn(3, 32)
+    full = load_sae(tmp_path, 0, k=8)
+    torch.testing.assert_close(sub.encode_pre(x), full.encode_pre(x)[:, [5, 700]].detach())
+    with pytest.raises(RuntimeError, match="needs every encoder row"):
+        sub.encode(x)
+    with pytest.raises(ValueError, match=r"feature id 1024 out of range \[0, 1024\)"):
+        load_sae(tmp_path, 0, k=8, features=[1024])
+
+
+MEASURE = textwrap.dedent(
+    """
+    import os, sys, torch
+    import qscope_plugins
+    from pathlib import Path
+
+    def rss(field):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter
+    base = rss("VmRSS:")
+    sae = qscope_plugins.load_sae(sys.argv[1], 0, dtype=sys.argv[2])
+    print(rss("VmHWM:") - base)
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("dtype,limit", [("float32", 1.25), ("bfloat16", 1.25)])
+def test_peak_memory_while_loading_a_real_size_layer(real_hub_offline, real_group, dtype, limit):
+    group = real_group
+    size = next(real_hub_offline.rglob("layer0.sae.pt")).stat().st_size
+    out = subprocess.run([sys.executable, "-c", MEASURE, group.repo_id, dtype],
+                         capture_output=True, text=True, check=True, env=os.environ.copy())
+    peak = int(out.stdout.strip().splitlines()[-1])
+    assert peak <= limit * size, f"peak extra RSS {peak / size:.2f}x the file size"

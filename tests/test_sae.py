@@ -1,0 +1,136 @@
+"""The SAE math: parity with SAELens, Top-k properties, sparse == dense, dtypes, chunking."""
+
+import pytest
+import torch
+from sae_lens import SAE
+from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
+
+from qscope_plugins import QwenScopeSAE
+from qscope_plugins.testing.sae_files import random_sae_state
+
+D_MODEL, D_SAE, K = 64, 512, 16
+
+
+@pytest.fixture(scope="module")
+def state():
+    return random_sae_state(D_MODEL, D_SAE, seed=1)
+
+
+@pytest.fixture(scope="module")
+def sae(state):
+    return QwenScopeSAE.from_weights(**state, k=K, layer=3)
+
+
+def saelens_reference(state) -> TopKSAE:
+    ref = TopKSAE(TopKSAEConfig(d_in=D_MODEL, d_sae=D_SAE, k=K, apply_b_dec_to_input=False))
+    ref.load_state_dict({"W_enc": state["W_enc"].T, "W_dec": state["W_dec"].T,
+                         "b_enc": state["b_enc"], "b_dec": state["b_dec"]})
+    return ref
+
+
+def test_is_a_saelens_sae_with_hook_metadata(sae):
+    assert isinstance(sae, SAE) and isinstance(sae, TopKSAE)
+    assert sae.cfg.metadata.hook_name == "blocks.3.hook_resid_post"
+    assert sae.layer == 3 and sae.cfg.architecture() == "qwen_scope_topk"
+    assert not sae.cfg.apply_b_dec_to_input
+
+
+@torch.no_grad()
+def test_parity_with_saelens_topk(sae, state):
+    ref = saelens_reference(state)
+    x = 3 * torch.randn(4, 7, D_MODEL)
+    torch.testing.assert_close(sae.encode(x), ref.encode(x), atol=1e-5, rtol=0)
+    torch.testing.assert_close(sae(x), ref(x), atol=1e-5, rtol=0)
+    codes = sae.encode_sparse(x)
+    torch.testing.assert_close(sae.decode_sparse(*codes), ref.decode(ref.encode(x)), atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_formula_by_hand(sae, state):
+    x = torch.randn(5, D_MODEL)
+    pre = x @ state["W_enc"].T + state["b_enc"]  # no b_dec pre-subtraction
+    torch.testing.assert_close(sae.encode_pre(x), pre)
+    top = pre.topk(K, dim=-1)
+    expected = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+    torch.testing.assert_close(sae.encode(x), expected)
+    torch.testing.assert_close(sae.decode(expected), expected @ state["W_dec"].T + state["b_dec"])
+
+
+@torch.no_grad()
+def test_exactly_k_nonzeros_when_enough_positive(sae):
+    x = 5 * torch.randn(32, D_MODEL)
+    pre = sae.encode_pre(x)
+    enough = (pre > 0).sum(-1) >= K
+    assert enough.all()
+    assert ((sae.encode(x) != 0).sum(-1) == K).all()
+    codes = sae.encode_sparse(x)
+    assert codes.values.shape == codes.indices.shape == (32, K)
+    assert (codes.values > 0).all()
+    assert (codes.values[:, :-1] >= codes.values[:, 1:]).all(), "sorted descending"
+
+
+@torch.no_grad()
+def test_relu_false_keeps_negative_topk_values(state):
+    shifted = dict(state, b_enc=state["b_enc"] - 100.0)  # every pre-activation negative
+    card = QwenScopeSAE.from_weights(**shifted, k=K, relu=False)
+    paper = QwenScopeSAE.from_weights(**shifted, k=K)
+    x = torch.randn(3, D_MODEL)
+    assert (card.encode_sparse(x).values < 0).all()
+    assert ((card.encode(x) != 0).sum(-1) == K).all()
+    assert (paper.encode(x) == 0).all() and (paper.encode_sparse(x).values == 0).all()
+
+
+@torch.no_grad()
+def test_planted_sparse_codes_are_recovered(sae):
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(5):
+        planted = torch.randperm(D_SAE, generator=gen)[:4]
+        x = (2 + torch.rand(4, generator=gen)) @ sae.directions(planted) + sae.b_dec
+        codes = sae.encode_sparse(x)
+        assert set(codes.indices[:4].tolist()) == set(planted.tolist())
+
+
+@torch.no_grad()
+def test_chunking_does_not_change_results(state):
+    sae = QwenScopeSAE.from_weights(**state, k=K)
+    x = torch.randn(2, 37, D_MODEL)
+    whole = sae.encode_sparse(x)
+    sae.chunk_size = 5
+    chunked = sae.encode_sparse(x)
+    torch.testing.assert_close(chunked.values, whole.values)
+    assert torch.equal(chunked.indices, whole.indices)
+    torch.testing.assert_close(sae.decode_sparse(*chunked), sae.decode(sae.encode(x)), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 5e-2), (torch.float16, 1e-2)])
+@torch.no_grad()
+def test_half_precision(state, dtype, tol):
+    fp32 = QwenScopeSAE.from_weights(**state, k=K)
+    low = QwenScopeSAE.from_weights(**{k: v.to(dtype) for k, v in state.items()}, k=K)
+    assert low.W_enc.dtype == dtype and low.cfg.dtype in ("bfloat16", "float16")
+    x = 3 * torch.randn(6, D_MODEL)
+    codes = low.encode_sparse(x)
+    assert codes.values.dtype == dtype
+    out = low.decode_sparse(*codes)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), fp32.reconstruct(x), atol=tol * 10, rtol=tol)
+    torch.testing.assert_close(out, low.decode(low.encode(x)), atol=tol, rtol=tol)
+
+
+def test_directions_are_raw_decoder_columns(sae, state):
+    torch.testing.assert_close(sae.direction(5), state["W_dec"][:, 5])
+    torch.testing.assert_close(sae.directions([1, 9]), state["W_dec"][:, [1, 9]].T)
+    with pytest.raises(ValueError, match=r"feature id 512 out of range \[0, 512\) for this SAE"):
+        sae.direction(D_SAE)
+    with pytest.raises(ValueError, match=r"feature id -1 out of range"):
+        sae.directions([0, -1])
+
+
+def test_bad_inputs(sae, state):
+    with pytest.raises(ValueError, match="input last dimension 63 != SAE d_in 64"):
+        sae.encode_sparse(torch.randn(2, 63))
+    with pytest.raises(ValueError, match="k=600 exceeds d_sae=512"):
+        QwenScopeSAE.from_weights(**state, k=600)
+    codes = sae.encode_sparse(torch.randn(2, D_MODEL))
+    with pytest.raises(ValueError, match="must have the same shape"):
+        sae.decode_sparse(codes.values, codes.indices[:, :3])
