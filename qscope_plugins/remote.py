@@ -77,17 +77,24 @@ class Layout:
 
 @dataclass(frozen=True)
 class Steering:
-    """Add ``vector`` to the output of decoder layer ``layer``.
+    """Edit the output ``h`` of decoder layer ``layer``: ``h + vector``, or ``fn(h)``.
 
     ``positions`` selects prompt tokens on the prompt's forward pass: ``None`` every token,
     ``()`` none, a tuple of column indices (negative ones count from the end), or a ``(B, T)``
-    bool mask (what a padded batch needs). ``generated`` adds it to every generated token too.
+    bool mask (what a padded batch needs). ``generated`` edits every generated token too.
+    ``fn`` (any ``(..., d_model) -> (..., d_model)`` map, e.g. an SAE clamp) runs only in local
+    traces; a remote request carries ``vector`` only.
     """
 
     layer: int
-    vector: Tensor
+    vector: Tensor | None = None
     positions: tuple[int, ...] | Tensor | None = None
     generated: bool = True
+    fn: Callable[[Tensor], Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.vector is None) == (self.fn is None):
+            raise ValueError("a Steering needs exactly one of `vector` and `fn`")
 
 
 @dataclass(frozen=True)
@@ -181,10 +188,12 @@ def _mask(positions: tuple[int, ...] | Tensor, hidden: Tensor) -> Tensor:
 
 
 def _steer(hidden: Tensor, steering: Steering, prompt: bool) -> Tensor:
+    where = None if not prompt or steering.positions is None else _mask(steering.positions, hidden)
+    if steering.fn is not None:
+        edited = steering.fn(hidden)
+        return edited if where is None else torch.where(where.bool(), edited, hidden)
     vector = steering.vector.to(hidden.device, hidden.dtype)
-    if not prompt or steering.positions is None:
-        return hidden + vector
-    return hidden + _mask(steering.positions, hidden) * vector
+    return hidden + vector if where is None else hidden + where * vector
 
 
 def _applies(steering: Steering, prompt: bool) -> bool:

@@ -21,7 +21,6 @@ def planted(rng, n, positive, planted=PLANTED, rate=0.8, background=0.05, d_sae=
     """Example-level max activations: background features fire at random in both classes; the planted
     ones fire (each with probability ``rate``) only on positives."""
     fires = rng.random((n, d_sae)) < background
-    fires[:, list(planted)] = positive and True
     if positive:
         fires[:, list(planted)] = rng.random((n, len(planted))) < rate
     else:
@@ -58,10 +57,12 @@ def test_random_control_is_near_chance(data):
     assert result.f1_low is None
 
 
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
 def test_all_input_formats_agree(data):
     dense = data["pos"].toarray()
     reference = clf.fit(data["pos"], data["neg"], top_k=5)
-    for pos in (dense, torch.from_numpy(dense), torch.from_numpy(dense).to_sparse(), torch.from_numpy(dense).to_sparse_csr(), sp.coo_matrix(dense)):
+    tensor = torch.from_numpy(dense)
+    for pos in (dense, tensor, tensor.to_sparse(), tensor.to_sparse_csr(), sp.coo_matrix(dense)):
         model = clf.fit(pos, data["neg"], top_k=5)
         assert model.features == reference.features
         np.testing.assert_array_equal(model.predict(pos), reference.predict(data["pos"]))
@@ -147,13 +148,27 @@ def test_composition_covers_complementary_layers():
     assert both.recall == 1.0 and both.f1 >= 0.95
 
 
-def test_weighted_variant_and_linear_probe(data):
-    model = clf.fit(data["pos"], data["neg"], top_k=3)
-    weighted = clf.reweight(model, data["pos"], data["neg"])
-    assert weighted.rule == "logistic" and all(w > 0 for w in weighted.weights)
-    assert ev.evaluate(weighted, data["test_pos"], data["test_neg"], n_boot=0).f1 >= 0.95
+def test_weighted_variant_uses_magnitudes():
+    """Feature 5 fires on every example, strongly on positives and weakly on negatives: the OR rule
+    cannot tell them apart, the logistic head on its max activation can."""
+    rng = np.random.default_rng(4)
+
+    def split(n):
+        pos, neg = planted(rng, n, True, planted=(5,), rate=1.0).toarray(), planted(rng, n, False, planted=(5,)).toarray()
+        pos[:, 5], neg[:, 5] = rng.uniform(20, 40, n), rng.uniform(1, 5, n)
+        return pos, neg
+
+    (pos, neg), (test_pos, test_neg) = split(300), split(200)
+    assert clf.feature_deltas(pos, neg)[5] == 0.0  # fires on every example of both classes
+    model = clf.FeatureClassifier(features=(5,), layers=(None,), d_sae=D_SAE)
+    assert ev.evaluate(model, test_pos, test_neg, n_boot=0).f1 == pytest.approx(2 / 3)
+    weighted = clf.reweight(model, pos, neg)
+    assert weighted.rule == "logistic" and weighted.weights[0] > 0
+    assert ev.evaluate(weighted, test_pos, test_neg, n_boot=0).f1 >= 0.95
     assert clf.FeatureClassifier.from_dict(json.loads(json.dumps(weighted.to_dict()))) == weighted
 
+
+def test_linear_probe_recovers_planted_direction():
     rng = np.random.default_rng(4)
     direction = rng.normal(size=64)
     direction /= np.linalg.norm(direction)

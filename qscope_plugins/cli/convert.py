@@ -20,7 +20,7 @@ def run(args: argparse.Namespace) -> int:
         layers = list(range(group.n_layers))
     else:
         raise ValueError("--layers is required when SRC is not a known Qwen-Scope repo (e.g. --layers 0-27)")
-    written = convert(args.src, args.dst, layers, dtype=parse_dtype(args.dtype), revision=args.revision,
+    written = convert(args.src, args.dst, layers, dtype=parse_dtype(args.dtype), revision=args.revision, k=args.k,
                       progress=lambda it: tqdm(it, desc="converting", unit="layer"))
     skipped = sorted(set(layers) - set(written))
     print(f"converted {len(written)} layer(s) into {args.dst}" + (f"; already done: {skipped}" if skipped else ""))
@@ -33,5 +33,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("dst", help="output directory (one layer{n}/ folder per layer)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "bf16", "fp16", "fp32"])
     parser.add_argument("--layers", help="e.g. 0-5 or 0,3,7 (default: every layer of a known repo)")
+    parser.add_argument("--k", type=int, help="Top-k size, needed only when SRC's name does not carry L0_{k}")
     parser.add_argument("--revision", help="hub revision (branch, tag or commit)")
     parser.set_defaults(func=run)

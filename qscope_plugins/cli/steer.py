@@ -23,6 +23,7 @@ from ..backends import KINDS, Backend, Sampling, load_backend
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model hub id or local checkpoint directory")
     parser.add_argument("--sae", required=True, help="SAE repo id, SAELens release, directory or layer file")
+    parser.add_argument("--k", type=int, help="Top-k size, when neither the SAE's name (L0_{k}) nor its files say")
     parser.add_argument("--backend", choices=sorted(KINDS), default="hf", help="framework that runs the model")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
@@ -44,7 +45,7 @@ def open_saes(args: argparse.Namespace, backend: Backend, layers: list[int], fea
     saes = {}
     for layer in layers:
         backend.check_layer(layer)
-        sae = load_sae(args.sae, layer, device=args.device, features=features)
+        sae = load_sae(args.sae, layer, k=args.k, device=args.device, features=features)
         backend.check_sae(sae, layer)
         saes[layer] = sae
     return saes

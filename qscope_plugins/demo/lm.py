@@ -93,7 +93,7 @@ def train_lm(rows: Iterator[list[int]], cfg: ModelConfig, vocab_size: int, eos_i
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if step % 100 == 0 or step == cfg.steps - 1:
+        if step % 50 == 0 or step == cfg.steps - 1:
             tokens = (step + 1) * cfg.batch_size * cfg.seq_len
             log.info("lm step %d/%d loss %.3f (%.0f tokens/s)", step, cfg.steps, loss.item(),
                      tokens / (time.perf_counter() - start))

@@ -42,8 +42,11 @@ class RemoteRequestError(ValueError):
     """A remote trace would send something it must not; raised before anything is sent."""
 
 
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
 
 
 def _origin(value: Any) -> str:
@@ -83,24 +86,24 @@ class _Checker:
             size = sum(t.untyped_storage().nbytes() for t in value.state_dict().values())
             if hasattr(value, "W_enc") and hasattr(value, "W_dec"):
                 raise RemoteRequestError(
-                    f"this remote trace captures `{name}`, a full SAE ({_mib(size)}), which would travel "
+                    f"this remote trace captures `{name}`, a full SAE ({_size(size)}), which would travel "
                     f"with every request and cannot be imported on NDIF. {_WHAT_TO_DO}"
                 )
             raise RemoteRequestError(
-                f"this remote trace captures `{name}`, a {type(value).__name__} module ({_mib(size)} of "
+                f"this remote trace captures `{name}`, a {type(value).__name__} module ({_size(size)} of "
                 "weights that would travel with the request); reach the model's modules through the "
                 "nnsight model inside the trace, and pass other weights as the small tensors needed"
             )
         elif isinstance(value, (remote.Steering, remote.EncoderRows)):
-            if self.model is not None:
-                where = self.layout()
-                where.check_layer(value.layer)
-                where.check_vector(value.vector if isinstance(value, remote.Steering) else value.weight, f"`{name}`")
+            self.check_spec(name, value)
             self.visit_fields(name, value)
         elif _unshippable(value):
-            label = getattr(value, "__qualname__", None) or type(value).__qualname__
+            what = (
+                f"module {value.__name__}" if isinstance(value, types.ModuleType)
+                else f"{getattr(value, '__qualname__', type(value).__qualname__)} from {_origin(value)}"
+            )
             raise RemoteRequestError(
-                f"this remote trace captures `{name}` ({label} from {_origin(value)}), which the NDIF "
+                f"this remote trace captures `{name}` ({what}), which the NDIF "
                 f"server cannot import: inside a remote trace use only qscope_plugins.remote and plain "
                 f"tensors. {_WHAT_TO_DO}"
             )
@@ -112,6 +115,19 @@ class _Checker:
                 self.visit(f"{name}[{i}]", item)
         elif is_dataclass(value) and not isinstance(value, type):
             self.visit_fields(name, value)
+
+    def check_spec(self, name: str, spec: remote.Steering | remote.EncoderRows) -> None:
+        if getattr(spec, "fn", None) is not None:
+            raise RemoteRequestError(
+                f"this remote trace captures `{name}`, a Steering with a Python function (`fn`): function "
+                "edits such as SAE clamping need the whole SAE next to the model, so they run in local "
+                "traces only; steer remotely with a vector (nnsight_api.steering(..., features=...))"
+            )
+        if self.model is None:
+            return
+        where = self.layout()
+        where.check_layer(spec.layer)
+        where.check_vector(spec.weight if isinstance(spec, remote.EncoderRows) else spec.vector, f"`{name}`")
 
     def visit_fields(self, name: str, value: Any) -> None:
         for field in fields(value):
@@ -133,7 +149,7 @@ def check_request(tracer: Any) -> None:
         checker.visit(name, value)
     if checker.bytes > MAX_CAPTURED_BYTES:
         raise RemoteRequestError(
-            f"this remote trace captures {_mib(checker.bytes)} of tensors (limit {_mib(MAX_CAPTURED_BYTES)}), "
+            f"this remote trace captures {_size(checker.bytes)} of tensors (limit {_size(MAX_CAPTURED_BYTES)}), "
             f"which would travel with every request; a full SAE weight matrix is this large. {_WHAT_TO_DO}"
         )
 

@@ -36,6 +36,13 @@ def rope_theta(hf_config) -> float:
     return float(params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))
 
 
+def config_dict(hf_config) -> dict[str, Any]:
+    """``hf_config.to_dict()`` plus its attribute aliases (``to_dict`` stores Qwen3-MoE's
+    ``num_experts`` as ``num_local_experts``; the dict answers to both names)."""
+    aliases = getattr(hf_config, "attribute_map", {}) or {}
+    return {**hf_config.to_dict(), **{alias: getattr(hf_config, alias) for alias in aliases}}
+
+
 def base_config(hf_config, architecture: str, **fields: Any) -> QwenHookedConfig:
     """The fields every Qwen3 / Qwen3.5 text model shares; ``fields`` add or override.
 
@@ -69,7 +76,7 @@ def base_config(hf_config, architecture: str, **fields: Any) -> QwenHookedConfig
         initializer_range=hf_config.initializer_range,
         original_architecture=architecture,
         init_weights=False,
-        hf_text_config=hf_config.to_dict(),
+        hf_text_config=config_dict(hf_config),
     )
     values.update(fields)
     return QwenHookedConfig(**values)

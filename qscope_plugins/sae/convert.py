@@ -63,14 +63,15 @@ def is_converted(layer_dir: Path, source_sha: str | None = None) -> bool:
 
 
 def convert_layer(source: str, layer: int, dst: Path, *, dtype: torch.dtype = torch.float32,
-                  revision: str | None = None) -> bool:
+                  revision: str | None = None, k: int | None = None) -> bool:
     """Convert one layer; returns False when it was already converted and verified."""
     resolved = resolve(source, layer, revision)
     source_sha = sha256_file(resolved.path)
+    dst = Path(dst)
     final = dst / f"layer{layer}"
     if is_converted(final, source_sha):
         return False
-    sae = load_sae(source, layer, dtype=dtype, revision=revision)
+    sae = load_sae(source, layer, dtype=dtype, revision=revision, k=k)
     dst.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".layer{layer}.", dir=dst))
     try:
@@ -103,12 +104,12 @@ def convert_layer(source: str, layer: int, dst: Path, *, dtype: torch.dtype = to
 
 
 def convert(source: str, dst: str | Path, layers: Iterable[int], *, dtype: torch.dtype = torch.float32,
-            revision: str | None = None, progress: Callable[[Iterable[int]], Iterable[int]] | None = None) -> list[int]:
+            revision: str | None = None, k: int | None = None, progress: Callable[[Iterable[int]], Iterable[int]] | None = None) -> list[int]:
     """Convert ``layers`` of ``source`` into ``dst``; returns the layers actually written."""
     dst = Path(dst)
     layers = list(layers)
     written = []
     for layer in progress(layers) if progress else layers:
-        if convert_layer(source, layer, dst, dtype=dtype, revision=revision):
+        if convert_layer(source, layer, dst, dtype=dtype, revision=revision, k=k):
             written.append(layer)
     return written

@@ -147,10 +147,8 @@ _DTYPES = {
 }
 
 
-def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
-    """``None`` -> float32 (the released precision); accepts torch dtypes and names like ``"bf16"``."""
-    if dtype is None:
-        return torch.float32
+def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """Accepts torch dtypes and names like ``"bf16"``, ``"float16"``, ``"torch.float32"``."""
     if isinstance(dtype, torch.dtype):
         name = str(dtype).removeprefix("torch.")
     else:
@@ -176,13 +174,13 @@ def load_sae(
     ``source``: an HF repo id (``"Qwen/SAE-Res-Qwen3-1.7B-Base-W32K-L0_50"``), a SAELens
     release name (``"qwen-scope-3-1.7b-base-w32k-l50"``), a directory holding
     ``layer{n}.sae.pt`` or converted ``layer{n}/`` folders, or a single file. ``dtype``
-    defaults to float32 (the released precision). With ``features=[...]`` only those
+    defaults to the stored precision (float32 for released files). With ``features=[...]`` only those
     features' encoder rows and decoder columns are read, and a :class:`FeatureSubset` is
     returned (Top-k itself needs the full encoder, so it cannot encode).
     """
     resolved = resolve(source, layer, revision)
     device = torch.device(device)
-    target = parse_dtype(dtype)
+    target = parse_dtype(dtype) if dtype is not None else None
     if resolved.converted:
         return _load_converted(resolved, k=k, device=device, dtype=target, relu=relu, features=features)
     state = read_layer_file(resolved.path)
@@ -193,6 +191,7 @@ def load_sae(
         d_sae=expect.d_sae if expect else (resolved.name_hint[0] if resolved.name_hint else None),
     )
     k = _pick_k(resolved, k, d_sae)
+    target = target or state["W_enc"].dtype
     if features is not None:
         ids = torch.as_tensor(features, dtype=torch.long)
         rows_enc = _validated_rows(state["W_enc"], ids, d_sae, resolved, "W_enc")
@@ -254,11 +253,13 @@ def _load_converted(resolved, *, k, device, dtype, relu, features):
             rows_enc = torch.stack([enc[:, j] for j in ids.tolist()]) if len(ids) else torch.empty(0, d_model)
             rows_dec = torch.cat([dec[j : j + 1] for j in ids.tolist()]) if len(ids) else torch.empty(0, d_model)
             b_enc = handle.get_slice("b_enc")[:][ids]
+            dtype = dtype or rows_enc.dtype
             for key, value in (("W_enc", rows_enc), ("W_dec", rows_dec)):
                 check_finite(value, name, key)
             return subset_from_rows(ids, rows_enc, rows_dec, b_enc, handle.get_tensor("b_dec"), _metadata(resolved),
                                     device=device, dtype=dtype)
         tensors = {key: handle.get_tensor(key) for key in want}
+    dtype = dtype or tensors["W_enc"].dtype
     for key, value in tensors.items():
         check_finite(value, name, key)
     meta = {**sidecar.get("metadata", {}), **_metadata(resolved)}

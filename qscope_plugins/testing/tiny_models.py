@@ -13,6 +13,10 @@ Public API (what other test modules import):
   Qwen3.5 (MoE) model is written in the published layout: ``architectures`` =
   ``Qwen3_5(Moe)ForConditionalGeneration``, text weights under ``model.language_model.*``,
   plus a tiny vision tower under ``model.visual.*``.
+- ``hf_layer_outputs(model, ids)``: HF logits and the output of every decoder layer (what
+  ``blocks.{n}.hook_resid_post`` must equal), taken with forward hooks.
+- ``hf_generate_steered(model, ids, layer, vector, max_new_tokens, use_cache)``: HF greedy
+  generation with ``vector`` added to the output of decoder layer ``layer``.
 
 Why perturb everything: HF initialises RMSNorm weights to 1 (Qwen3) or 0 (Qwen3.5's
 zero-centred norm) and some routers to 0, so a model fresh from ``__init__`` hides
@@ -65,8 +69,7 @@ _COMMON = dict(
     max_position_embeddings=MAX_POSITIONS,
     rms_norm_eps=1e-6,
     tie_word_embeddings=False,
-    eos_token_id=0,
-    pad_token_id=0,
+    pad_token_id=0,  # no eos_token_id: HF generation never stops early, like stop_at_eos=False
 )
 _MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
 _LINEAR_ATTN = dict(
@@ -207,3 +210,51 @@ def _multimodal_from_text(text_model: PreTrainedModel) -> PreTrainedModel:
     mm_model.model.language_model.load_state_dict(text_model.model.state_dict())
     mm_model.lm_head.load_state_dict(text_model.lm_head.state_dict())
     return mm_model.eval()
+
+
+def _decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
+    inner = model.model
+    return getattr(inner, "language_model", inner).layers
+
+
+@torch.no_grad()
+def hf_layer_outputs(model: PreTrainedModel, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``(logits, [output of decoder layer n for every n])`` for one forward pass.
+
+    Hooks, not ``output_hidden_states``: HF's last hidden state is taken after the final norm.
+    """
+    outputs: list[torch.Tensor] = []
+    layers = _decoder_layers(model)
+    handles = [layer.register_forward_hook(lambda _m, _a, out: outputs.append(out)) for layer in layers]
+    try:
+        logits = model(ids).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    return logits, outputs
+
+
+@torch.no_grad()
+def hf_generate_steered(
+    model: PreTrainedModel,
+    ids: torch.Tensor,
+    layer: int,
+    vector: torch.Tensor,
+    max_new_tokens: int,
+    use_cache: bool = True,
+) -> torch.Tensor:
+    """Greedy ids (prompt included) with ``vector`` added to decoder layer ``layer``'s output.
+
+    The tiny configs declare no EOS id, so HF generates exactly ``max_new_tokens`` tokens,
+    like ``HookedTransformer.generate(stop_at_eos=False)``.
+    """
+    handle = _decoder_layers(model)[layer].register_forward_hook(lambda _m, _a, out: out + vector)
+    try:
+        return model.generate(
+            ids,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            use_cache=use_cache,
+        )
+    finally:
+        handle.remove()

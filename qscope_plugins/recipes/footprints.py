@@ -1,0 +1,125 @@
+"""Benchmark feature footprints through any backend, streamed into a resumable :class:`FootprintStore`.
+
+A sample's footprint is the set of SAE features active at its last token (report Eq. 2; options:
+any token, or all tokens with counts). Samples are rendered through a ``str.format`` template over
+their fields, so ``"Question: {question}\\nAnswer:"`` works on JSONL records or a loaded HF dataset.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+from ..backends import Backend
+from .capture import pooled_batches, sae_widths, tokenize
+from .footprint_store import FootprintConfig, FootprintStore, content_hash
+
+_MODE = {"last": "last", "any": "max", "all": "count"}
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Records of a JSONL file (one JSON object per non-blank line)."""
+    path = Path(path)
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{number}: expected a JSON object")
+        records.append(record)
+    if not records:
+        raise ValueError(f"{path} holds no records")
+    return records
+
+
+def render(samples: Iterable[Mapping | str], template: str = "{text}", id_field: str | None = None) -> tuple[list[str], list[str]]:
+    """``(sample ids, prompts)``: each sample (a record, or a string seen as ``{"text": s}``) formatted
+    with ``template``. Ids come from ``id_field`` when given, else the sample's position."""
+    ids, prompts = [], []
+    for i, sample in enumerate(samples):
+        record = {"text": sample} if isinstance(sample, str) else sample
+        try:
+            prompts.append(template.format(**record))
+        except KeyError as err:
+            raise ValueError(f"sample {i} has no field {err.args[0]!r} used by the template") from None
+        if id_field is not None and id_field not in record:
+            raise ValueError(f"sample {i} has no id field {id_field!r}")
+        ids.append(str(record[id_field]) if id_field is not None else str(i))
+    if not prompts:
+        raise ValueError("no samples given")
+    return ids, prompts
+
+
+def _provenance(saes: Mapping[int, object]) -> tuple[str, str | None]:
+    metadata = getattr(next(iter(saes.values())).cfg, "metadata", None)
+    return str(getattr(metadata, "sae_source", None) or "unknown"), getattr(metadata, "sae_revision", None)
+
+
+def extract_footprints(
+    backend: Backend,
+    saes: Mapping[int, object],
+    samples: Sequence[Mapping | str],
+    root: str | Path,
+    benchmark: str,
+    *,
+    template: str = "{text}",
+    id_field: str | None = None,
+    position: str = "last",
+    skip_first_token: bool = True,
+    batch_size: int = 8,
+    progress: bool = False,
+    overwrite: bool = False,
+    model: str | None = None,
+    sae_source: str | None = None,
+    sae_revision: str | None = None,
+) -> FootprintStore:
+    """Compute (or resume) ``benchmark``'s footprints at every layer of ``saes`` and return the finished store.
+
+    All layers come from one forward pass per batch. Provenance defaults to the backend's model name and
+    the SAEs' recorded source and revision. A run stopped at any point resumes from its last completed
+    batch when called again with the same arguments, and ends with the same bytes on disk.
+    """
+    if position not in _MODE:
+        raise ValueError(f"position must be one of {', '.join(_MODE)}, got {position!r}")
+    widths = sae_widths(saes)
+    if len(set(widths.values())) != 1:
+        raise ValueError(f"all SAEs must have the same width, got {widths}")
+    sample_ids, prompts = render(samples, template, id_field)
+    recorded_source, recorded_revision = _provenance(saes)
+    config = FootprintConfig(
+        benchmark=benchmark,
+        model=model or backend.model_name or "unknown",
+        sae_source=sae_source or recorded_source,
+        sae_revision=sae_revision or recorded_revision,
+        layers=tuple(sorted(saes)),
+        d_sae=next(iter(widths.values())),
+        sample_ids=tuple(sample_ids),
+        sample_hashes=tuple(content_hash(p) for p in prompts),
+        template=template,
+        position=position,
+        skip_first_token=skip_first_token,
+        batch_size=batch_size,
+    )
+    store = FootprintStore(root, config, overwrite=overwrite)
+    pending = store.pending()
+    if pending:
+        rows = tokenize(backend, prompts)[config.batch_slice(pending.start).start :]
+        batches = pooled_batches(
+            backend,
+            saes,
+            rows,
+            mode=_MODE[position],
+            skip_first_token=skip_first_token,
+            batch_size=batch_size,
+            progress=progress,
+            desc=benchmark,
+        )
+        for batch, pooled in zip(pending, batches):
+            store.write_batch(batch, pooled)
+    store.finalize()
+    return store

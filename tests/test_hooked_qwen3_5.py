@@ -1,0 +1,199 @@
+"""Qwen3.5 and Qwen3.5-MoE in HookedTransformer / HookedSAETransformer, against HF in fp32.
+
+Tiny random models (hidden 64, linear + full attention layers, 4 experts + shared expert, every
+weight perturbed) from :mod:`qscope_plugins.testing.tiny_models`. "HF layer n" is the output of
+``model.model.layers[n]``, captured with a forward hook.
+"""
+
+import warnings
+
+import pytest
+import torch
+from sae_lens import HookedSAETransformer
+from transformer_lens import HookedTransformer
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+from transformers import GenerationConfig
+
+import qscope_plugins
+from qscope_plugins.testing.sae_files import random_sae_state, write_released_layer
+from qscope_plugins.testing.tiny_models import save_checkpoint, tiny_model, tiny_tokenizer
+
+ARCHS = ("Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM")
+NAMES = {"Qwen3_5ForCausalLM": "Qwen/Qwen3.5-2B-Base", "Qwen3_5MoeForCausalLM": "Qwen/Qwen3.5-35B-A3B-Base"}
+ATOL = 1e-4
+STEER_LAYER = 1  # a middle layer (of 4), full attention; layer 0 and 2 are linear attention
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def arch(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def hf(arch):
+    return tiny_model(arch)
+
+
+@pytest.fixture(scope="module")
+def hooked(arch, hf):
+    return HookedTransformer.from_pretrained_no_processing(NAMES[arch], hf_model=hf, tokenizer=tiny_tokenizer(), device="cpu")
+
+
+def prompt(batch=2, length=13, seed=0):
+    # Ids from 1: id 0 is the tiny tokenizer's pad/eos, which TransformerLens would mask.
+    return torch.randint(1, 300, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def hf_layer_outputs(hf, ids):
+    outputs = {}
+    layers = hf.model.layers
+    handles = [layer.register_forward_hook(lambda m, a, out, i=i: outputs.__setitem__(i, out)) for i, layer in enumerate(layers)]
+    try:
+        logits = hf(ids).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    return logits, [outputs[i] for i in range(len(layers))]
+
+
+def assert_matches_hf(model, hf, ids, atol=ATOL, center_unembed=False):
+    ref_logits, ref_layers = hf_layer_outputs(hf, ids)
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(ids)
+    if center_unembed:  # logits move by a per-position constant; log-probs do not
+        logits, ref_logits = logits.log_softmax(-1), ref_logits.log_softmax(-1)
+    torch.testing.assert_close(logits, ref_logits, atol=atol, rtol=0)
+    for n, ref in enumerate(ref_layers):
+        torch.testing.assert_close(cache[f"blocks.{n}.hook_resid_post"], ref, atol=atol, rtol=0, msg=f"layer {n}")
+
+
+def test_logits_and_every_resid_post_match_hf(hooked, hf):
+    assert [type(block.attn).__name__ for block in hooked.blocks] == [
+        "GatedDeltaNet", "OutputGatedAttention", "GatedDeltaNet", "OutputGatedAttention"]
+    assert hooked.cfg.n_ctx == hf.config.max_position_embeddings
+    assert hooked.cfg.rotary_dim == hf.config.head_dim // 4
+    assert_matches_hf(hooked, hf, prompt())
+
+
+def test_hook_points_and_what_they_carry(hooked, arch):
+    ids = prompt(batch=1, length=9)
+    _, cache = hooked.run_with_cache(ids)
+    linear, full = "blocks.0.attn.", "blocks.1.attn."
+    assert cache[linear + "hook_q"].shape == (1, 9, 2, 16) and cache[linear + "hook_v"].shape == (1, 9, 4, 16)
+    assert cache[linear + "hook_beta"].shape == cache[linear + "hook_g"].shape == (1, 9, 4)
+    assert cache[linear + "hook_gate"].shape == cache[linear + "hook_recurrent_out"].shape == (1, 9, 4, 16)
+    assert bool((cache[linear + "hook_g"] < 0).all()) and bool(((cache[linear + "hook_beta"] > 0) & (cache[linear + "hook_beta"] < 1)).all())
+    pattern = cache[full + "hook_pattern"]
+    assert pattern.shape == (1, 4, 9, 9)
+    torch.testing.assert_close(pattern.sum(-1), torch.ones(1, 4, 9))
+    assert float(pattern.triu(1).abs().max()) == 0.0
+    for name in ("hook_resid_pre", "hook_resid_mid", "hook_attn_out", "hook_mlp_out", "ln1.hook_normalized", "ln2.hook_scale"):
+        assert f"blocks.3.{name}" in cache
+    if arch == "Qwen3_5MoeForCausalLM":
+        assert cache["blocks.2.mlp.hook_expert_indices"].shape == (1, 9, 2)
+        assert cache["blocks.2.mlp.hook_shared_gate"].shape == (1, 9, 1)
+
+
+def test_hooks_edit_the_computation(hooked):
+    ids = prompt(batch=1, length=9)
+    # No writes to the delta-rule state (beta = 0): the linear layer's recurrent output is zero.
+    with hooked.hooks(fwd_hooks=[("blocks.0.attn.hook_beta", lambda beta, hook: torch.zeros_like(beta))]):
+        _, cache = hooked.run_with_cache(ids, names_filter="blocks.0.attn.hook_recurrent_out")
+    assert float(cache["blocks.0.attn.hook_recurrent_out"].abs().max()) == 0.0
+    # A closed output gate silences the full-attention layer.
+    with hooked.hooks(fwd_hooks=[("blocks.1.attn.hook_gate", lambda gate, hook: torch.full_like(gate, -torch.inf))]):
+        _, cache = hooked.run_with_cache(ids, names_filter="blocks.1.hook_attn_out")
+    assert float(cache["blocks.1.hook_attn_out"].abs().max()) == 0.0
+
+
+def test_left_padded_batch_equals_separate_runs(hooked):
+    """Padding is masked in full attention and zeroed before the conv / delta rule."""
+    short, long = prompt(1, 6, seed=1), prompt(1, 10, seed=2)
+    batch = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), short], 1), long])
+    mask = (torch.arange(10) >= torch.tensor([[4], [0]])).long()
+    with torch.no_grad():
+        padded = hooked(batch, attention_mask=mask)
+        alone = [hooked(short, attention_mask=torch.ones_like(short)), hooked(long, attention_mask=torch.ones_like(long))]
+    torch.testing.assert_close(padded[0, 4:], alone[0][0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(padded[1], alone[1][0], atol=ATOL, rtol=0)
+
+
+def test_cached_forward_continues_the_prompt(hooked):
+    """Prompt, then single tokens (recurrent kernels), then a chunk: each equals the uncached run."""
+    ids = prompt(batch=2, length=14, seed=3)
+    cache = TransformerLensKeyValueCache.init_cache(hooked.cfg, "cpu", batch_size=2)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        full = hooked(ids)
+        steps = [(0, 8), (8, 9), (9, 10), (10, 14)]
+        for start, stop in steps:
+            out = hooked(ids[:, start:stop], past_kv_cache=cache, attention_mask=mask[:, :stop])
+            torch.testing.assert_close(out, full[:, start:stop], atol=ATOL, rtol=0, msg=f"positions {start}:{stop}")
+        assert cache[0].past_keys.shape[1] == 0 and cache[0].qscope_recurrent_state.recurrent.shape == (2, 4, 16, 16)
+        assert cache[1].past_keys.shape[1] == 14
+        cache.freeze()
+        state = cache[0].qscope_recurrent_state
+        hooked(ids[:, :1], past_kv_cache=cache, attention_mask=torch.ones(2, 15, dtype=torch.long))
+        assert cache[0].qscope_recurrent_state is state and cache[1].past_keys.shape[1] == 14
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no_cache"])
+def test_steered_greedy_generation_equals_hf(hooked, hf, use_cache):
+    ids = prompt(batch=1, length=7, seed=4)
+    vector = 3.0 * torch.randn(hf.config.hidden_size, generator=torch.Generator().manual_seed(5))
+    handle = hf.model.layers[STEER_LAYER].register_forward_hook(lambda m, a, out: out + vector)
+    try:
+        config = GenerationConfig(max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
+        expected = hf.generate(ids, generation_config=config, use_cache=use_cache)
+    finally:
+        handle.remove()
+    steer = (f"blocks.{STEER_LAYER}.hook_resid_post", lambda resid, hook: resid + vector)
+    with hooked.hooks(fwd_hooks=[steer]):
+        got = hooked.generate(ids, max_new_tokens=10, do_sample=False, stop_at_eos=False,
+                              use_past_kv_cache=use_cache, verbose=False)
+    assert torch.equal(got, expected)
+    unsteered = hooked.generate(ids, max_new_tokens=10, do_sample=False, stop_at_eos=False, verbose=False)
+    assert not torch.equal(unsteered, expected)  # the hook mattered
+
+
+@pytest.fixture(scope="module")
+def checkpoints(arch, hf, tmp_path_factory):
+    root = tmp_path_factory.mktemp(arch)
+    return save_checkpoint(hf, root / "text"), save_checkpoint(hf, root / "multimodal", multimodal=True)
+
+
+@pytest.mark.parametrize("layout", ["text", "multimodal"])
+def test_local_directory_offline(checkpoints, hf, layout, offline_hub):
+    directory = checkpoints[layout == "multimodal"]
+    model = HookedTransformer.from_pretrained_no_processing(str(directory), device="cpu")
+    assert model.tokenizer is not None
+    assert_matches_hf(model, hf, prompt(seed=6))
+
+
+def test_default_processing_warns_and_keeps_the_residual_stream(checkpoints, hf, offline_hub):
+    with pytest.warns(UserWarning, match="fold_ln is not supported"):
+        model = HookedTransformer.from_pretrained(str(checkpoints[1]), device="cpu")
+    assert_matches_hf(model, hf, prompt(seed=7), center_unembed=True)
+
+
+def test_hooked_sae_transformer_reads_hf_layer_output(checkpoints, hf, tmp_path, offline_hub):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model = HookedSAETransformer.from_pretrained(str(checkpoints[1]), device="cpu")
+    assert isinstance(model, HookedSAETransformer)
+    write_released_layer(tmp_path, STEER_LAYER, random_sae_state(hf.config.hidden_size, 256, seed=8))
+    sae = qscope_plugins.load_sae(tmp_path, STEER_LAYER, k=8)
+    ids = prompt(seed=9)
+    _, ref_layers = hf_layer_outputs(hf, ids)
+    with torch.no_grad():
+        clean = model(ids)
+        model.add_sae(sae, use_error_term=True)
+        logits, cache = model.run_with_cache(ids)
+        model.reset_saes()
+    sae_input = cache[f"blocks.{STEER_LAYER}.hook_resid_post.hook_sae_input"]
+    torch.testing.assert_close(sae_input, ref_layers[STEER_LAYER], atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits, clean, atol=ATOL, rtol=0)  # the error term restores the output
+    assert int((cache[f"blocks.{STEER_LAYER}.hook_resid_post.hook_sae_acts_post"] > 0).sum(-1).max()) <= 8
