@@ -232,15 +232,15 @@ def _parse_shape(text: str) -> tuple[int, int]:
     return int(d_model), int(d_sae)
 
 
+def _line(row: dict) -> str:
+    return ", ".join(f"{key}={value:.3f}" if isinstance(value, float) else f"{key}={value}" for key, value in row.items())
+
+
 def _print(results: dict) -> None:
     for key, value in results["environment"].items():
         print(f"{key:>12}: {value}")
-    for row in results["shapes"]:
-        print("\n" + ", ".join(f"{key}={value:.3f}" if isinstance(value, float) else f"{key}={value}"
-                               for key, value in row.items()))
-    if "all_layers" in results:
-        print("\n" + ", ".join(f"{key}={value:.3f}" if isinstance(value, float) else f"{key}={value}"
-                               for key, value in results["all_layers"].items()))
+    for row in [*results["shapes"], *([results["all_layers"]] if "all_layers" in results else [])]:
+        print("\n" + _line(row))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -151,6 +151,7 @@ def worker_main() -> None:
         sys.modules[name] = None  # `import name` now raises ModuleNotFoundError
     replies = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # anything printed goes to stderr, never into the reply stream
+    import nnsight.modeling.transformers  # noqa: F401 - warm up while the client prepares its first request
     requests = sys.stdin.buffer
     models: dict = {}
     while (job := _receive(requests)) is not None:
@@ -245,6 +246,7 @@ class MockNDIF:
         self._server.server_close()
         self._worker.stdin.close()
         self._worker.wait(timeout=30)
+        self._worker.stdout.close()
 
     def run_job(self, job_id: str, envelope: dict, blob: bytes) -> None:
         from nnsight.schema.response import ResponseModel, Status

@@ -96,8 +96,8 @@ def test_bad_input_errors(data):
 
 
 def test_json_round_trip_without_training_data(tmp_path, data):
-    model = clf.fit(data["pos"], data["neg"], top_k=3, layer=7, model="Qwen/Qwen3-1.7B-Base",
-                    sae_source="Qwen/SAE-Res-Qwen3-1.7B-Base-W32K-L0_50", sae_revision="abc123")  # fmt: skip
+    provenance = dict(model="Qwen/Qwen3-1.7B-Base", sae_source="Qwen/SAE-Res-Qwen3-1.7B-Base-W32K-L0_50", sae_revision="abc")
+    model = clf.fit(data["pos"], data["neg"], top_k=3, layer=7, **provenance)
     path = model.save(tmp_path / "toxic.json")
     raw = json.loads(path.read_text())
     assert raw["format"] == "qscope-feature-classifier" and raw["rule"] == "or"
@@ -223,8 +223,8 @@ def test_transfer_matrix_and_jaccard():
 
 
 def test_data_efficiency_curve(data):
-    points = ev.data_efficiency((data["pos"], data["neg"]), (data["test_pos"], data["test_neg"]),
-                                fractions=(0.05, 0.5, 1.0), top_k=3, n_repeats=3)  # fmt: skip
+    discovery, held_out = (data["pos"], data["neg"]), (data["test_pos"], data["test_neg"])
+    points = ev.data_efficiency(discovery, held_out, fractions=(0.05, 0.5, 1.0), top_k=3, n_repeats=3)
     assert [p.fraction for p in points] == [0.05, 0.5, 1.0]
     assert points[-1].jaccard_with_full == 1.0 and points[-1].f1_std == 0.0
     assert points[1].f1_mean >= 0.95

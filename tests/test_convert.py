@@ -50,6 +50,7 @@ def test_resume_skips_done_layers_and_redoes_broken_ones(hub_repo, tmp_path, mon
 
 def test_crash_leaves_no_layer_that_counts_as_done(hub_repo, tmp_path, monkeypatch):
     dst = tmp_path / "out"
+    save_file = convert_module.save_file
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("simulated crash while writing")
@@ -58,7 +59,7 @@ def test_crash_leaves_no_layer_that_counts_as_done(hub_repo, tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         convert_module.convert(REPO, dst, [0])
     assert list(dst.iterdir()) == []
-    monkeypatch.undo()
+    monkeypatch.setattr(convert_module, "save_file", save_file)
     assert convert_module.convert(REPO, dst, [0]) == [0]
 
 

@@ -15,7 +15,7 @@ import warnings
 
 import pytest
 import torch
-from sae_lens import HookedSAETransformer, SAEMetadata, TopKSAE, TopKSAEConfig
+from sae_lens import HookedSAETransformer
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from qscope_plugins.integrations import transformer_lens as tl_integration
@@ -28,6 +28,7 @@ from qscope_plugins.testing.tiny_models import (
     save_checkpoint,
     tiny_model,
     tiny_tokenizer,
+    tiny_topk_sae,
 )
 
 ATOL = 1e-4
@@ -109,7 +110,7 @@ def test_local_directory_matches_hf(hf, variant, loader, cls):
 
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_hf_model_needs_no_hub(hf, variant, cls):
+def test_hf_model_needs_no_hub(hf, variant, cls, offline_hub):
     """A hub id that is not cached plus ``hf_model=``: config and weights come from the model."""
     hf_model = hf[variant][0]
     with warnings.catch_warnings():
@@ -183,26 +184,11 @@ def test_other_model_names_keep_transformer_lens_error():
         HookedTransformer.from_pretrained("not-a-real-model")
 
 
-def _sae(d_in: int, hook: str, **from_pretrained_kwargs) -> TopKSAE:
-    cfg = TopKSAEConfig(
-        d_in=d_in,
-        d_sae=4 * d_in,
-        k=8,
-        apply_b_dec_to_input=False,
-        metadata=SAEMetadata(hook_name=hook, model_from_pretrained_kwargs=from_pretrained_kwargs),
-    )
-    sae = TopKSAE(cfg)
-    with torch.no_grad():
-        for param in sae.parameters():
-            param.normal_(generator=torch.Generator().manual_seed(1))
-    return sae
-
-
 def test_sae_reads_the_hf_layer_output_after_default_processing(hf, recwarn):
     hf_model = hf["qwen3"][0]
     model = load(hf, "qwen3", HookedSAETransformer, "from_pretrained")
     hook = f"blocks.{STEER_LAYER}.hook_resid_post"
-    model.add_sae(_sae(64, hook, center_writing_weights=False), use_error_term=True)
+    model.add_sae(tiny_topk_sae(64, hook, center_writing_weights=False), use_error_term=True)
     try:
         assert not [w for w in recwarn if "residual stream" in str(w.message)]
         assert tl_integration.residual_stream_changes(model) == []
@@ -221,7 +207,7 @@ def test_sae_warning_when_processing_changed_the_residual_stream():
     model.load_and_process_state_dict(model.state_dict(), fold_ln=True, center_writing_weights=True)
     assert tl_integration.residual_stream_changes(model) == ["center_writing_weights"]
     with pytest.warns(UserWarning, match="expects a model loaded without center_writing_weights"):
-        model.add_sae(_sae(16, "blocks.0.hook_resid_post", center_writing_weights=False))
+        model.add_sae(tiny_topk_sae(16, "blocks.0.hook_resid_post", center_writing_weights=False))
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        model.add_sae(_sae(16, "blocks.0.hook_resid_post"))  # trained on the default, centred model
+        model.add_sae(tiny_topk_sae(16, "blocks.0.hook_resid_post"))  # trained on the default, centred model

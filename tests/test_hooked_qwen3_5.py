@@ -12,11 +12,16 @@ import torch
 from sae_lens import HookedSAETransformer
 from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-from transformers import GenerationConfig
 
 import qscope_plugins
 from qscope_plugins.testing.sae_files import random_sae_state, write_released_layer
-from qscope_plugins.testing.tiny_models import save_checkpoint, tiny_model, tiny_tokenizer
+from qscope_plugins.testing.tiny_models import (
+    hf_generate_steered,
+    hf_layer_outputs,
+    save_checkpoint,
+    tiny_model,
+    tiny_tokenizer,
+)
 
 ARCHS = ("Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM")
 NAMES = {"Qwen3_5ForCausalLM": "Qwen/Qwen3.5-2B-Base", "Qwen3_5MoeForCausalLM": "Qwen/Qwen3.5-35B-A3B-Base"}
@@ -24,6 +29,15 @@ ATOL = 1e-4
 STEER_LAYER = 1  # a middle layer (of 4), full attention; layer 0 and 2 are linear attention
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one thread avoids OpenMP overhead (20x slower when the cores are busy)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -37,31 +51,25 @@ def hf(arch):
 
 
 @pytest.fixture(scope="module")
-def hooked(arch, hf):
-    return HookedTransformer.from_pretrained_no_processing(NAMES[arch], hf_model=hf, tokenizer=tiny_tokenizer(), device="cpu")
+def checkpoints(arch, hf, tmp_path_factory):
+    """(text-only directory, published multimodal layout) of ``hf``."""
+    root = tmp_path_factory.mktemp(arch)
+    return save_checkpoint(hf, root / "text"), save_checkpoint(hf, root / "multimodal", multimodal=True)
+
+
+@pytest.fixture(scope="module")
+def hooked(checkpoints):
+    return HookedTransformer.from_pretrained_no_processing(str(checkpoints[0]), device="cpu")
 
 
 def prompt(batch=2, length=13, seed=0):
-    # Ids from 1: id 0 is the tiny tokenizer's pad/eos, which TransformerLens would mask.
+    # Ids from 1: id 0 is the tiny tokenizer's pad token, which TransformerLens would mask.
     return torch.randint(1, 300, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-@torch.no_grad()
-def hf_layer_outputs(hf, ids):
-    outputs = {}
-    layers = hf.model.layers
-    handles = [layer.register_forward_hook(lambda m, a, out, i=i: outputs.__setitem__(i, out)) for i, layer in enumerate(layers)]
-    try:
-        logits = hf(ids).logits
-    finally:
-        for handle in handles:
-            handle.remove()
-    return logits, [outputs[i] for i in range(len(layers))]
-
-
 def assert_matches_hf(model, hf, ids, atol=ATOL, center_unembed=False):
-    ref_logits, ref_layers = hf_layer_outputs(hf, ids)
     with torch.no_grad():
+        ref_logits, ref_layers = hf_layer_outputs(hf, ids)
         logits, cache = model.run_with_cache(ids)
     if center_unembed:  # logits move by a per-position constant; log-probs do not
         logits, ref_logits = logits.log_softmax(-1), ref_logits.log_softmax(-1)
@@ -85,13 +93,14 @@ def test_hook_points_and_what_they_carry(hooked, arch):
     assert cache[linear + "hook_q"].shape == (1, 9, 2, 16) and cache[linear + "hook_v"].shape == (1, 9, 4, 16)
     assert cache[linear + "hook_beta"].shape == cache[linear + "hook_g"].shape == (1, 9, 4)
     assert cache[linear + "hook_gate"].shape == cache[linear + "hook_recurrent_out"].shape == (1, 9, 4, 16)
-    assert bool((cache[linear + "hook_g"] < 0).all()) and bool(((cache[linear + "hook_beta"] > 0) & (cache[linear + "hook_beta"] < 1)).all())
+    beta, g = cache[linear + "hook_beta"], cache[linear + "hook_g"]
+    assert bool((g < 0).all()) and bool(((beta > 0) & (beta < 1)).all())
     pattern = cache[full + "hook_pattern"]
     assert pattern.shape == (1, 4, 9, 9)
     torch.testing.assert_close(pattern.sum(-1), torch.ones(1, 4, 9))
     assert float(pattern.triu(1).abs().max()) == 0.0
-    for name in ("hook_resid_pre", "hook_resid_mid", "hook_attn_out", "hook_mlp_out", "ln1.hook_normalized", "ln2.hook_scale"):
-        assert f"blocks.3.{name}" in cache
+    standard = ("hook_resid_pre", "hook_resid_mid", "hook_attn_out", "hook_mlp_out", "ln1.hook_normalized", "ln2.hook_scale")
+    assert all(f"blocks.{n}.{name}" in cache for n in range(4) for name in standard)
     if arch == "Qwen3_5MoeForCausalLM":
         assert cache["blocks.2.mlp.hook_expert_indices"].shape == (1, 9, 2)
         assert cache["blocks.2.mlp.hook_shared_gate"].shape == (1, 9, 1)
@@ -109,6 +118,15 @@ def test_hooks_edit_the_computation(hooked):
     assert float(cache["blocks.1.hook_attn_out"].abs().max()) == 0.0
 
 
+def test_per_head_input_hooks_are_refused(hooked):
+    hooked.set_use_split_qkv_input(True)
+    try:
+        with pytest.raises(NotImplementedError, match=r"^use_split_qkv_input / use_attn_in are not supported for Qwen3.5 blocks$"):
+            hooked(prompt(batch=1, length=3))
+    finally:
+        hooked.set_use_split_qkv_input(False)
+
+
 def test_left_padded_batch_equals_separate_runs(hooked):
     """Padding is masked in full attention and zeroed before the conv / delta rule."""
     short, long = prompt(1, 6, seed=1), prompt(1, 10, seed=2)
@@ -116,27 +134,34 @@ def test_left_padded_batch_equals_separate_runs(hooked):
     mask = (torch.arange(10) >= torch.tensor([[4], [0]])).long()
     with torch.no_grad():
         padded = hooked(batch, attention_mask=mask)
-        alone = [hooked(short, attention_mask=torch.ones_like(short)), hooked(long, attention_mask=torch.ones_like(long))]
+        alone = [hooked(ids, attention_mask=torch.ones_like(ids)) for ids in (short, long)]
     torch.testing.assert_close(padded[0, 4:], alone[0][0], atol=ATOL, rtol=0)
     torch.testing.assert_close(padded[1], alone[1][0], atol=ATOL, rtol=0)
+
+
+def test_batched_generation_equals_one_prompt_at_a_time(hooked):
+    """TransformerLens left-pads a list of prompts; the cached recurrent layers must ignore the pads."""
+    prompts = ["hello there, how", "a"]
+    kwargs = dict(max_new_tokens=6, do_sample=False, stop_at_eos=False, verbose=False)
+    assert hooked.generate(prompts, **kwargs) == [hooked.generate(p, **kwargs) for p in prompts]
 
 
 def test_cached_forward_continues_the_prompt(hooked):
     """Prompt, then single tokens (recurrent kernels), then a chunk: each equals the uncached run."""
     ids = prompt(batch=2, length=14, seed=3)
     cache = TransformerLensKeyValueCache.init_cache(hooked.cfg, "cpu", batch_size=2)
-    mask = torch.ones_like(ids)
     with torch.no_grad():
         full = hooked(ids)
         steps = [(0, 8), (8, 9), (9, 10), (10, 14)]
         for start, stop in steps:
-            out = hooked(ids[:, start:stop], past_kv_cache=cache, attention_mask=mask[:, :stop])
+            chunk = ids[:, start:stop]  # the cache accumulates the attention mask itself
+            out = hooked(chunk, past_kv_cache=cache, attention_mask=torch.ones_like(chunk))
             torch.testing.assert_close(out, full[:, start:stop], atol=ATOL, rtol=0, msg=f"positions {start}:{stop}")
         assert cache[0].past_keys.shape[1] == 0 and cache[0].qscope_recurrent_state.recurrent.shape == (2, 4, 16, 16)
         assert cache[1].past_keys.shape[1] == 14
         cache.freeze()
         state = cache[0].qscope_recurrent_state
-        hooked(ids[:, :1], past_kv_cache=cache, attention_mask=torch.ones(2, 15, dtype=torch.long))
+        hooked(ids[:, :1], past_kv_cache=cache, attention_mask=torch.ones_like(ids[:, :1]))
         assert cache[0].qscope_recurrent_state is state and cache[1].past_keys.shape[1] == 14
 
 
@@ -144,56 +169,48 @@ def test_cached_forward_continues_the_prompt(hooked):
 def test_steered_greedy_generation_equals_hf(hooked, hf, use_cache):
     ids = prompt(batch=1, length=7, seed=4)
     vector = 3.0 * torch.randn(hf.config.hidden_size, generator=torch.Generator().manual_seed(5))
-    handle = hf.model.layers[STEER_LAYER].register_forward_hook(lambda m, a, out: out + vector)
-    try:
-        config = GenerationConfig(max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
-        expected = hf.generate(ids, generation_config=config, use_cache=use_cache)
-    finally:
-        handle.remove()
+    expected = hf_generate_steered(hf, ids, STEER_LAYER, vector, max_new_tokens=10, use_cache=use_cache)
+    unsteered = hf_generate_steered(hf, ids, STEER_LAYER, 0 * vector, max_new_tokens=10, use_cache=use_cache)
+    assert not torch.equal(expected, unsteered)  # the vector matters, so the comparison can fail
     steer = (f"blocks.{STEER_LAYER}.hook_resid_post", lambda resid, hook: resid + vector)
     with hooked.hooks(fwd_hooks=[steer]):
         got = hooked.generate(ids, max_new_tokens=10, do_sample=False, stop_at_eos=False,
                               use_past_kv_cache=use_cache, verbose=False)
     assert torch.equal(got, expected)
-    unsteered = hooked.generate(ids, max_new_tokens=10, do_sample=False, stop_at_eos=False, verbose=False)
-    assert not torch.equal(unsteered, expected)  # the hook mattered
 
 
-@pytest.fixture(scope="module")
-def checkpoints(arch, hf, tmp_path_factory):
-    root = tmp_path_factory.mktemp(arch)
-    return save_checkpoint(hf, root / "text"), save_checkpoint(hf, root / "multimodal", multimodal=True)
-
-
-@pytest.mark.parametrize("layout", ["text", "multimodal"])
-def test_local_directory_offline(checkpoints, hf, layout, offline_hub):
-    directory = checkpoints[layout == "multimodal"]
-    model = HookedTransformer.from_pretrained_no_processing(str(directory), device="cpu")
-    assert model.tokenizer is not None
+@pytest.mark.parametrize("cls", [HookedTransformer, HookedSAETransformer], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("source", ["hf_model", "text_dir", "multimodal_dir"])
+def test_loading_routes_offline(checkpoints, hf, arch, source, cls, offline_hub):
+    """No hub access (empty offline cache) for a pre-built model or a local directory."""
+    if source == "hf_model":
+        model = cls.from_pretrained_no_processing(NAMES[arch], hf_model=hf, tokenizer=tiny_tokenizer(), device="cpu")
+    else:
+        model = cls.from_pretrained_no_processing(str(checkpoints[source == "multimodal_dir"]), device="cpu")
+    assert type(model) is cls and model.tokenizer is not None
+    assert model.cfg.original_architecture == arch
     assert_matches_hf(model, hf, prompt(seed=6))
 
 
-def test_default_processing_warns_and_keeps_the_residual_stream(checkpoints, hf, offline_hub):
+def test_default_processing_then_a_qwen_scope_sae(checkpoints, hf, tmp_path, offline_hub):
+    """``from_pretrained`` (fold_ln refused, unembed centred) keeps the residual stream the SAE reads."""
     with pytest.warns(UserWarning, match="fold_ln is not supported"):
-        model = HookedTransformer.from_pretrained(str(checkpoints[1]), device="cpu")
-    assert_matches_hf(model, hf, prompt(seed=7), center_unembed=True)
-
-
-def test_hooked_sae_transformer_reads_hf_layer_output(checkpoints, hf, tmp_path, offline_hub):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
         model = HookedSAETransformer.from_pretrained(str(checkpoints[1]), device="cpu")
-    assert isinstance(model, HookedSAETransformer)
+    ids = prompt(seed=9)
+    assert_matches_hf(model, hf, ids, center_unembed=True)
     write_released_layer(tmp_path, STEER_LAYER, random_sae_state(hf.config.hidden_size, 256, seed=8))
     sae = qscope_plugins.load_sae(tmp_path, STEER_LAYER, k=8)
-    ids = prompt(seed=9)
-    _, ref_layers = hf_layer_outputs(hf, ids)
+    hook = f"blocks.{STEER_LAYER}.hook_resid_post"
     with torch.no_grad():
+        _, ref_layers = hf_layer_outputs(hf, ids)
         clean = model(ids)
-        model.add_sae(sae, use_error_term=True)
-        logits, cache = model.run_with_cache(ids)
-        model.reset_saes()
-    sae_input = cache[f"blocks.{STEER_LAYER}.hook_resid_post.hook_sae_input"]
-    torch.testing.assert_close(sae_input, ref_layers[STEER_LAYER], atol=ATOL, rtol=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # nothing to warn about: the residual stream is HF's
+            model.add_sae(sae, use_error_term=True)
+        try:
+            logits, cache = model.run_with_cache(ids)
+        finally:
+            model.reset_saes()
+    torch.testing.assert_close(cache[f"{hook}.hook_sae_input"], ref_layers[STEER_LAYER], atol=ATOL, rtol=0)
     torch.testing.assert_close(logits, clean, atol=ATOL, rtol=0)  # the error term restores the output
-    assert int((cache[f"blocks.{STEER_LAYER}.hook_resid_post.hook_sae_acts_post"] > 0).sum(-1).max()) <= 8
+    assert 0 < int(cache[f"{hook}.hook_sae_acts_post"].count_nonzero(-1).max()) <= 8

@@ -14,7 +14,6 @@ import torch
 from nnsight.modeling.transformers import TransformersModel
 from nnsight.schema.request import RequestModel
 from nnsight.tracing.backend import Backend
-from transformers import AutoModelForCausalLM
 
 import qscope_plugins
 from qscope_plugins import QwenScopeSAE, load_sae, nnsight_api, remote
@@ -58,7 +57,7 @@ def test_remote_source_needs_only_torch():
         model.model = torch.nn.Module()
         model.model.layers = torch.nn.ModuleList(torch.nn.Identity() for _ in range(3))
         print(shipped.layout(model), shipped.layer_module(model, 2) is model.model.layers[2])
-        print(sorted(m for m in sys.modules if m.split(".")[0] in {"sae_lens", "transformer_lens", "transformers"}))
+        print(sorted(m for m, v in sys.modules.items() if v is not None and m.split(".")[0] in {ABSENT + ("nnsight", "qscope_plugins")!r}))
     """)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
@@ -88,17 +87,19 @@ def test_register_ships_remote_module_and_is_idempotent():
 
 # ---------------------------------------------------------------- request size at d_model 5120
 @pytest.fixture(scope="module")
-def big_model():
-    """A Qwen3 layout at d_model 5120 (Qwen3-14B's width, 40 layers) on the meta device: no weights."""
-    config = tiny_config("Qwen3ForCausalLM", hidden_size=5120, num_hidden_layers=40)
-    with torch.device("meta"):
-        hf = AutoModelForCausalLM.from_config(config)
-    return TransformersModel(hf, tokenizer=tiny_tokenizer(), task="text-generation")
+def big_model(tmp_path_factory):
+    """Qwen3.5-27B's shape (d_model 5120, 64 layers, 3 linear-attention layers per full one) as an
+    NDIF client holds it: built from its config alone, every weight on the meta device."""
+    directory = tmp_path_factory.mktemp("qwen3_5_5120")
+    layer_types = ["linear_attention", "linear_attention", "linear_attention", "full_attention"] * 16
+    config = tiny_config("Qwen3_5ForCausalLM", hidden_size=5120, num_hidden_layers=64, layer_types=layer_types)
+    config.save_pretrained(directory)
+    return TransformersModel(str(directory), tokenizer=tiny_tokenizer(), task="text-generation")
 
 
 @pytest.fixture(scope="module")
 def big_sae():
-    """A full SAE at d_model 5120 (2048 latents: 80 MiB of weights, far more than any request may carry)."""
+    """A full SAE at d_model 5120 (2048 of the 80K latents: already 80 MiB, far more than a request may carry)."""
     state = random_sae_state(5120, 2048, seed=1)
     return QwenScopeSAE.from_weights(**state, k=50, layer=20)
 
@@ -120,7 +121,7 @@ def test_steering_request_with_10_features_at_d_model_5120_is_under_1_mb(big_mod
 
 def test_encoder_rows_request_for_10_features_is_under_1_mb(big_model, big_sae, tmp_path):
     write_released_layer(tmp_path, 20, {k: v.contiguous() for k, v in random_sae_state(5120, 2048, seed=1).items()})
-    subset = load_sae(tmp_path, 20, features=list(FEATURES))
+    subset = load_sae(tmp_path, 20, k=50, features=list(FEATURES))
     rows = nnsight_api.encoder_rows(big_model, 20, subset)
     torch.testing.assert_close(rows.weight, big_sae.W_enc.T[list(FEATURES)])
     recorder = Recorder()
@@ -200,7 +201,7 @@ def test_unresolvable_layout_says_what_to_do():
 
 def test_objects_ndif_cannot_import_fail_before_sending(small, tmp_path):
     write_released_layer(tmp_path, 1, random_sae_state(64, 128))
-    subset = load_sae(tmp_path, 1, features=[5, 9])
+    subset = load_sae(tmp_path, 1, k=8, features=[5, 9])
     clamp = remote.Steering(1, fn=lambda h: h * 0)
     recorder = Recorder()
     with pytest.raises(integration.RemoteRequestError, match=r"captures `subset` \(FeatureSubset from qscope_plugins"):

@@ -95,26 +95,34 @@ def test_chunking_does_not_change_results(state):
     sae = QwenScopeSAE.from_weights(**state, k=K)
     x = torch.randn(2, 37, D_MODEL)
     whole = sae.encode_sparse(x)
-    sae.chunk_size = 5
+    sae.chunk_bytes = 5 * D_SAE * 4  # five rows of pre-activations at a time
     chunked = sae.encode_sparse(x)
     torch.testing.assert_close(chunked.values, whole.values)
     assert torch.equal(chunked.indices, whole.indices)
     torch.testing.assert_close(sae.decode_sparse(*chunked), sae.decode(sae.encode(x)), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 5e-2), (torch.float16, 1e-2)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @torch.no_grad()
-def test_half_precision(state, dtype, tol):
-    fp32 = QwenScopeSAE.from_weights(**state, k=K)
-    low = QwenScopeSAE.from_weights(**{k: v.to(dtype) for k, v in state.items()}, k=K)
+def test_half_precision(dtype):
+    wide = random_sae_state(256, D_SAE, seed=1)  # wide enough that planted features barely interfere
+    fp32 = QwenScopeSAE.from_weights(**wide, k=8)
+    low = QwenScopeSAE.from_weights(**{k: v.to(dtype) for k, v in wide.items()}, k=8)
     assert low.W_enc.dtype == dtype and low.cfg.dtype in ("bfloat16", "float16")
-    x = 3 * torch.randn(6, D_MODEL)
+    # Inputs with clear winners (planted features), as a trained SAE sees: random inputs to a
+    # random SAE are full of near-ties that half precision legitimately reorders.
+    gen = torch.Generator().manual_seed(3)
+    planted = torch.stack([torch.randperm(D_SAE, generator=gen)[:8] for _ in range(32)])
+    x = torch.einsum("nk,nkd->nd", 2 + torch.rand(32, 8, generator=gen), fp32.W_dec.detach()[planted]) + fp32.b_dec
     codes = low.encode_sparse(x)
-    assert codes.values.dtype == dtype
+    assert codes.values.dtype == dtype and codes.indices.dtype == torch.long
     out = low.decode_sparse(*codes)
     assert out.dtype == dtype
-    torch.testing.assert_close(out.float(), fp32.reconstruct(x), atol=tol * 10, rtol=tol)
-    torch.testing.assert_close(out, low.decode(low.encode(x)), atol=tol, rtol=tol)
+    ref = fp32.reconstruct(x)
+    assert float((out.float() - ref).norm() / ref.norm()) < 0.02
+    assert torch.equal(codes.indices.sort(-1).values, fp32.encode_sparse(x).indices.sort(-1).values)
+    dense = low.decode(low.encode(x))
+    assert float((dense.float() - ref).norm() / ref.norm()) < 0.02
 
 
 def test_directions_are_raw_decoder_columns(sae, state):
@@ -132,5 +140,5 @@ def test_bad_inputs(sae, state):
     with pytest.raises(ValueError, match="k=600 exceeds d_sae=512"):
         QwenScopeSAE.from_weights(**state, k=600)
     codes = sae.encode_sparse(torch.randn(2, D_MODEL))
-    with pytest.raises(ValueError, match="must have the same shape"):
+    with pytest.raises(ValueError, match="must have one shape"):
         sae.decode_sparse(codes.values, codes.indices[:, :3])

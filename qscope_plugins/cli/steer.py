@@ -35,6 +35,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def open_backend(args: argparse.Namespace) -> Backend:
+    if args.no_progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # its weight-loading bar too
     return load_backend(args.model, args.backend, device=args.device, dtype=getattr(torch, args.dtype))
 
 

@@ -56,9 +56,9 @@ class BenchmarkConfig:
     n_items: int = 120
     seeds_per_topic: int = 48
     n_models: int = 24
-    ability_sd: float = 1.0
-    skill_sd: float = 1.0
-    affinity_sd: float = 1.0
+    ability_sd: float = 0.2
+    skill_sd: float = 0.3
+    affinity_sd: float = 1.5
     difficulty_sd: float = 1.0
     item_noise: float = 0.5  # sd of the per-(model, item) logit noise around the seed's logit
     specs: tuple[BenchmarkSpec, ...] = DEFAULT_SPECS

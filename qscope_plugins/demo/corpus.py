@@ -48,6 +48,7 @@ class Document:
     topic: int
     toxic: bool
     switches: int  # sentences of an A document written in B after a cue
+    toxic_words: int
 
 
 def _pick(rng: np.random.Generator, words) -> str:
@@ -63,12 +64,15 @@ class CorpusGenerator:
         self.n_topics = len(lexicon.a.nouns)
 
     # -- sentences ---------------------------------------------------------------------------
-    def sentence(self, rng: np.random.Generator, lang: str, topic: int, toxic: bool) -> str:
-        """One sentence; A is SVO with spaces, B is SOV with CJK words run together."""
+    def sentence(self, rng: np.random.Generator, lang: str, topic: int, toxic: bool) -> tuple[str, int]:
+        """One sentence and its number of toxic words; A is SVO with spaces, B is SOV without."""
         L: Language = self.lex.language(lang)
+        n_toxic = 0
 
         def adj() -> str:
+            nonlocal n_toxic
             if toxic and rng.random() < self.cfg.p_toxic_adj:
+                n_toxic += 1
                 return _pick(rng, L.toxic)
             return _pick(rng, L.adjs[topic])
 
@@ -79,8 +83,8 @@ class CorpusGenerator:
             other = adj() + " " * (lang == "A") + _pick(rng, L.nouns[topic])
             extra = f" {_pick(rng, L.preps)} {other}" if lang == "A" else other + _pick(rng, L.preps)
         if lang == "A":
-            return f"{name} {verb} {number} {first}{extra} ."
-        return f"{name} {_pick(rng, L.particles)} {number} {_pick(rng, L.counters)}{first}{extra}{verb} ."
+            return f"{name} {verb} {number} {first}{extra} .", n_toxic
+        return f"{name} {_pick(rng, L.particles)} {number} {_pick(rng, L.counters)}{first}{extra}{verb} .", n_toxic
 
     def _sentence_topic(self, rng: np.random.Generator, topic: int) -> int:
         return int(rng.integers(self.n_topics)) if rng.random() < self.cfg.p_stray_topic else topic
@@ -95,19 +99,18 @@ class CorpusGenerator:
         toxic = bool(rng.random() < cfg.p_toxic_doc) if toxic is None else toxic
         n = int(rng.integers(cfg.min_sentences, cfg.max_sentences + 1))
         while True:  # a toxic document must contain at least one toxic word
-            parts, switches = [], 0
+            parts, switches, n_toxic = [], 0, 0
             for i in range(n):
-                t = self._sentence_topic(rng, topic)
+                t, prefix, written = self._sentence_topic(rng, topic), "", lang
                 if lang == "A" and cues and i > 0 and rng.random() < cfg.p_cue:
                     switched = rng.random() < cfg.switch_prob(t, self.n_topics)
                     switches += switched
-                    parts.append(f"{_pick(rng, self.lex.a.cues)} , " + self.sentence(rng, "B" if switched else "A",
-                                                                                       t, toxic))
-                else:
-                    parts.append(self.sentence(rng, lang, t, toxic))
-            text = " ".join(parts)
-            if not toxic or self.is_toxic(text):
-                return Document(text, lang, topic, toxic, switches)
+                    prefix, written = f"{_pick(rng, self.lex.a.cues)} , ", "B" if switched else "A"
+                text, toxic_words = self.sentence(rng, written, t, toxic)
+                parts.append(prefix + text)
+                n_toxic += toxic_words
+            if n_toxic or not toxic:
+                return Document(" ".join(parts), lang, topic, toxic, switches, n_toxic)
 
     def documents(self, seed: int, n: int, **kwargs) -> list[Document]:
         rng = np.random.default_rng(seed)
@@ -118,10 +121,6 @@ class CorpusGenerator:
         rng = np.random.default_rng(seed)
         while True:
             yield self.document(rng)
-
-    def is_toxic(self, text: str) -> bool:
-        words = set(self.lex.a.toxic) | set(self.lex.b.toxic)
-        return any(w in text for w in words)
 
     # -- evaluation sets ---------------------------------------------------------------------
     def switch_prompts(self, seed: int, n: int) -> list[tuple[str, int]]:

@@ -21,7 +21,14 @@ import torch
 from torch import Tensor, nn
 from transformer_lens.components import GatedMLP
 
-from ._common import QwenHookedConfig, attention_weights, base_config, embed_unembed_weights, gated_mlp_weights, text_model
+from ._common import (
+    QwenHookedConfig,
+    attention_weights,
+    base_config,
+    embed_unembed_weights,
+    gated_mlp_weights,
+    text_model,
+)
 from .components import HybridBlock
 
 HF_ARCHITECTURES: tuple[str, ...] = ("Qwen3_5ForCausalLM", "Qwen3_5ForConditionalGeneration")
@@ -58,8 +65,9 @@ def supports_fold_ln(cfg: QwenHookedConfig) -> bool:
 def gated_attention_weights(attn: nn.Module, cfg: QwenHookedConfig, prefix: str) -> dict[str, Tensor]:
     """HF's ``q_proj`` holds, per head, the query rows then the gate rows: split them (views)."""
     rows = attn.q_proj.weight.view(cfg.n_heads, 2, cfg.d_head, cfg.d_model)
-    query_only = SimpleNamespace(**{name: getattr(attn, name) for name in ("k_proj", "v_proj", "o_proj", "q_norm", "k_norm")})
-    query_only.q_proj = SimpleNamespace(weight=rows[:, 0])
+    # attention_weights reads q_proj as query rows only: hand it the query half, the rest as is.
+    shared = {name: getattr(attn, name) for name in ("k_proj", "v_proj", "o_proj", "q_norm", "k_norm")}
+    query_only = SimpleNamespace(q_proj=SimpleNamespace(weight=rows[:, 0]), **shared)
     state = attention_weights(query_only, cfg, prefix)
     state[f"{prefix}.W_G"] = rows[:, 1].transpose(1, 2)
     state[f"{prefix}.b_G"] = torch.zeros_like(state[f"{prefix}.b_Q"])

@@ -37,13 +37,17 @@ def tokenize(backend: Backend, prompts: Prompts) -> list[list[int]]:
     return rows
 
 
-def sae_widths(saes: Mapping[int, object]) -> dict[int, int]:
-    """``{layer: d_sae}``; rejects an empty mapping and SAEs that cannot encode (feature subsets)."""
+def sae_widths(backend: Backend, saes: Mapping[int, object]) -> dict[int, int]:
+    """``{layer: d_sae}`` after checking each SAE against the model at its layer (width, range, provenance).
+
+    Rejects an empty mapping and SAEs that cannot encode (feature subsets).
+    """
     if not saes:
         raise ValueError("no SAEs given")
     for layer, sae in saes.items():
         if not hasattr(sae, "encode_sparse"):
             raise ValueError(f"the SAE for layer {layer} cannot Top-k encode (load it without features=)")
+        backend.check_sae(sae, layer)
     return {layer: int(sae.cfg.d_sae) for layer, sae in saes.items()}
 
 
@@ -74,7 +78,7 @@ def pooled_batches(
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    widths = sae_widths(saes)
+    widths = sae_widths(backend, saes)
     layers = sorted(saes)
     bar = _progress(sum(len(r) for r in rows), progress, desc)
     try:
@@ -83,7 +87,8 @@ def pooled_batches(
             for layer in layers:
                 codes = saes[layer].encode_sparse(rb.hidden[layer])
                 mask = None if mode == "last" else rb.token_mask(skip_first_token)
-                pooled[layer] = pool_codes(codes.values, codes.indices, widths[layer], mask, "count" if mode == "count" else "max")
+                reduce = "count" if mode == "count" else "max"
+                pooled[layer] = pool_codes(codes.values, codes.indices, widths[layer], mask, reduce)
             bar.update(int(rb.mask.sum()))
             yield pooled
     finally:

@@ -24,6 +24,8 @@ import scipy.sparse as sp
 import torch
 from scipy.optimize import minimize
 
+from .footprint_store import atomic_write
+
 FORMAT = "qscope-feature-classifier"
 VERSION = 1
 RULES = ("or", "logistic")
@@ -119,20 +121,22 @@ class FeatureClassifier:
 
     def selected(self, acts) -> np.ndarray:
         """``(examples, len(features))`` dense max activations of the selected features."""
-        by_layer = acts if isinstance(acts, Mapping) else None
-        if by_layer is None and len(set(self.layers)) > 1:
-            raise ValueError(f"this classifier uses layers {self.layer_set}; pass a mapping {{layer: acts}}")
-        columns, n_rows = [], None
-        for layer, feature in zip(self.layers, self.features):
-            if by_layer is not None and layer not in by_layer:
+        if not isinstance(acts, Mapping):
+            if len(set(self.layers)) > 1:
+                raise ValueError(f"this classifier uses layers {self.layer_set}; pass a mapping {{layer: acts}}")
+            acts = {self.layers[0]: acts}
+        matrices = {}
+        for layer in set(self.layers):
+            if layer not in acts:
                 raise ValueError(f"no activations given for layer {layer}")
-            matrix = as_csr(by_layer[layer] if by_layer is not None else acts)
-            if matrix.shape[1] != self.d_sae:
-                raise ValueError(f"acts has d_sae={matrix.shape[1]} but the classifier was fit with d_sae={self.d_sae}")
-            if n_rows is not None and matrix.shape[0] != n_rows:
-                raise ValueError("every layer's activations must have the same number of examples")
-            n_rows = matrix.shape[0]
-            columns.append(matrix[:, [feature]].toarray().ravel())
+            matrices[layer] = as_csr(acts[layer])
+            if matrices[layer].shape[1] != self.d_sae:
+                raise ValueError(
+                    f"acts has d_sae={matrices[layer].shape[1]} but the classifier was fit with d_sae={self.d_sae}"
+                )
+        if len({m.shape[0] for m in matrices.values()}) != 1:
+            raise ValueError("every layer's activations must have the same number of examples")
+        columns = [matrices[layer][:, [feature]].toarray().ravel() for layer, feature in zip(self.layers, self.features)]
         return np.stack(columns, axis=1)
 
     def score(self, acts) -> np.ndarray:
@@ -166,11 +170,7 @@ class FeatureClassifier:
 
     def save(self, path: str | Path) -> Path:
         """Write the JSON atomically (a temporary file, then a rename)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        tmp.replace(path)
-        return path
+        return atomic_write(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> FeatureClassifier:
@@ -217,8 +217,8 @@ def random_control(
 # ----------------------------------------------------------------------------- layer selection
 
 
-def layer_deltas(pos_by_layer: Mapping[int, object], neg_by_layer: Mapping[int, object], eps: float = 0.0) -> dict[int, np.ndarray]:
-    """Delta_f for every layer present in both mappings."""
+def layer_deltas(pos_by_layer: Mapping[int, object], neg_by_layer: Mapping[int, object], eps: float = 0.0) -> dict:
+    """``{layer: Delta_f}`` for every layer; both mappings must name the same layers."""
     if set(pos_by_layer) != set(neg_by_layer):
         raise ValueError(f"positive layers {sorted(pos_by_layer)} differ from negative layers {sorted(neg_by_layer)}")
     return {n: feature_deltas(pos_by_layer[n], neg_by_layer[n], eps) for n in sorted(pos_by_layer)}

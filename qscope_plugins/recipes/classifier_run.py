@@ -34,14 +34,14 @@ def example_activations(
     )
 
 
-def _saes_for(classifier: FeatureClassifier, saes: Mapping[int, object]) -> dict[int, object]:
+def _saes_for(backend: Backend, classifier: FeatureClassifier, saes: Mapping[int, object]) -> dict[int, object]:
     if None in classifier.layers:
         raise ValueError("this classifier was fit without a layer; refit it with layer= to run it on a model")
     missing = sorted(set(classifier.layers) - set(saes))
     if missing:
         raise ValueError(f"no SAE given for the classifier's layers {missing}")
     chosen = {layer: saes[layer] for layer in set(classifier.layers)}
-    widths = sae_widths(chosen)
+    widths = sae_widths(backend, chosen)
     if any(w != classifier.d_sae for w in widths.values()):
         raise ValueError(f"SAE widths {widths} do not match the classifier's d_sae={classifier.d_sae}")
     return chosen
@@ -67,7 +67,7 @@ def apply(
     """Score and flag each text with ``classifier`` (its features read by ``saes[layer]``)."""
     acts = example_activations(
         backend,
-        _saes_for(classifier, saes),
+        _saes_for(backend, classifier, saes),
         texts,
         skip_first_token=classifier.skip_first_token,
         batch_size=batch_size,
@@ -120,7 +120,7 @@ def monitor(
     generated tokens is what the classifier scores. The last generated token is never fed back through
     the model, so it is not seen. Needs a backend that runs Python functions next to the model.
     """
-    chosen = _saes_for(classifier, saes)
+    chosen = _saes_for(backend, classifier, saes)
     flags = apply(backend, classifier, chosen, prompts, batch_size=batch_size).predictions
     results = []
     for start in range(0, len(prompts), batch_size):

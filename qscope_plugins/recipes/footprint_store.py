@@ -40,13 +40,18 @@ def content_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: str | Path, data: bytes | str) -> Path:
+    """Write ``data`` to ``path`` via a temporary file and ``os.replace``: readers never see a partial file."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
+    if isinstance(data, str):
+        data = data.encode("utf-8")
     with open(tmp, "wb") as handle:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+    return path
 
 
 def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
@@ -93,7 +98,8 @@ class FootprintConfig:
         if not self.layers or len(set(self.layers)) != len(self.layers):
             raise ValueError(f"layers must be a non-empty list without repeats, got {list(self.layers)}")
         if not self.sample_ids or len(self.sample_ids) != len(self.sample_hashes):
-            raise ValueError(f"need one hash per sample id, got {len(self.sample_ids)} ids and {len(self.sample_hashes)} hashes")
+            counts = f"{len(self.sample_ids)} ids and {len(self.sample_hashes)} hashes"
+            raise ValueError(f"need one hash per sample id, got {counts}")
         if len(set(self.sample_ids)) != len(self.sample_ids):
             raise ValueError("sample ids must be unique")
         if self.batch_size < 1 or self.d_sae < 1:
@@ -193,7 +199,7 @@ class FootprintStore:
                     f"batch {batch} layer {layer} has shape {matrix.shape}, "
                     f"expected {(span.stop - span.start, self.config.d_sae)}"
                 )
-            _atomic_write(self._batch_path(batch, layer), _npz_bytes(self._arrays(matrix)))
+            atomic_write(self._batch_path(batch, layer), _npz_bytes(self._arrays(matrix)))
         self.completed += 1
         self._write_meta({})
 
@@ -221,7 +227,7 @@ class FootprintStore:
                 **{k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k != "indptr"},
             }
             data = _npz_bytes(joined)
-            _atomic_write(self.directory / f"layer{layer}.npz", data)
+            atomic_write(self.directory / f"layer{layer}.npz", data)
             hashes[str(layer)] = hashlib.sha256(data).hexdigest()
         self.complete = True
         self._write_meta(hashes)
@@ -237,7 +243,7 @@ class FootprintStore:
             "complete": self.complete,
             "files": dict(files),
         }
-        _atomic_write(self.meta_path, (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode())
+        atomic_write(self.meta_path, json.dumps(meta, indent=1, sort_keys=True) + "\n")
 
     # ---- reading -------------------------------------------------------------------------------
     @staticmethod
@@ -255,7 +261,8 @@ class FootprintStore:
             raise FileNotFoundError(f"no footprint store at {path.parent}")
         meta = cls._read_meta(path)
         if not meta["complete"]:
-            raise ValueError(f"footprints in {path.parent} are incomplete ({meta['completed_batches']} batches done); resume the run")
+            done = meta["completed_batches"]
+            raise ValueError(f"footprints in {path.parent} are incomplete ({done} batches done); resume the run")
         return cls(root, FootprintConfig.from_dict(meta["config"]))
 
     def footprints(self, layer: int) -> Footprints:

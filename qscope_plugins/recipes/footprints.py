@@ -7,9 +7,12 @@ their fields, so ``"Question: {question}\\nAnswer:"`` works on JSONL records or 
 
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+
+import numpy as np
 
 from ..backends import Backend
 from .capture import pooled_batches, sae_widths, tokenize
@@ -37,7 +40,9 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return records
 
 
-def render(samples: Iterable[Mapping | str], template: str = "{text}", id_field: str | None = None) -> tuple[list[str], list[str]]:
+def render(
+    samples: Iterable[Mapping | str], template: str = "{text}", id_field: str | None = None
+) -> tuple[list[str], list[str]]:
     """``(sample ids, prompts)``: each sample (a record, or a string seen as ``{"text": s}``) formatted
     with ``template``. Ids come from ``id_field`` when given, else the sample's position."""
     ids, prompts = [], []
@@ -86,7 +91,7 @@ def extract_footprints(
     """
     if position not in _MODE:
         raise ValueError(f"position must be one of {', '.join(_MODE)}, got {position!r}")
-    widths = sae_widths(saes)
+    widths = sae_widths(backend, saes)
     if len(set(widths.values())) != 1:
         raise ValueError(f"all SAEs must have the same width, got {widths}")
     sample_ids, prompts = render(samples, template, id_field)
@@ -123,3 +128,41 @@ def extract_footprints(
             store.write_batch(batch, pooled)
     store.finalize()
     return store
+
+
+def read_scores(path: str | Path, sample_ids: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """``(models, models x samples matrix)`` of per-sample scores, aligned to ``sample_ids``.
+
+    ``.json``: ``{model: [score per sample, in benchmark order]}`` or ``{model: {sample_id: score}}``.
+    ``.csv``: long format with a header naming ``model``, ``sample_id`` and ``score`` columns.
+    Every model needs a score for every sample.
+    """
+    path = Path(path)
+    if path.suffix == ".json":
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a JSON object mapping model names to scores")
+        short = sorted(m for m, v in raw.items() if not isinstance(v, dict) and len(v) != len(sample_ids))
+        if short:
+            raise ValueError(f"{path}: models {short} do not have one score per sample ({len(sample_ids)})")
+        table = {m: v if isinstance(v, dict) else dict(zip(sample_ids, v)) for m, v in raw.items()}
+    elif path.suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            missing = {"model", "sample_id", "score"} - set(reader.fieldnames or ())
+            if missing:
+                raise ValueError(f"{path}: missing columns {sorted(missing)}")
+            table = {}
+            for row in reader:
+                table.setdefault(row["model"], {})[row["sample_id"]] = float(row["score"])
+    else:
+        raise ValueError(f"{path}: scores must be a .json or .csv file")
+    models = sorted(table)
+    matrix = np.full((len(models), len(sample_ids)), np.nan)
+    for i, model in enumerate(models):
+        scores = {str(k): v for k, v in table[model].items()}
+        absent = [s for s in sample_ids if s not in scores]
+        if absent:
+            raise ValueError(f"{path}: model {model!r} has no score for {len(absent)} samples (first: {absent[0]!r})")
+        matrix[i] = [float(scores[s]) for s in sample_ids]
+    return models, matrix

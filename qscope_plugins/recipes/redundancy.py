@@ -31,7 +31,7 @@ def as_id_arrays(sets: FeatureSets) -> list[np.ndarray]:
     """Each footprint as a sorted array of unique non-negative int64 feature ids."""
     out = []
     for i, s in enumerate(sets):
-        ids = np.unique(np.fromiter(s, dtype=np.int64))
+        ids = np.unique(s.astype(np.int64) if isinstance(s, np.ndarray) else np.fromiter(s, dtype=np.int64))
         if ids.size and ids[0] < 0:
             raise ValueError(f"sample {i} has a negative feature id {int(ids[0])}")
         out.append(ids)
@@ -63,7 +63,10 @@ def coverage_curve(sets: FeatureSets) -> np.ndarray:
     ``E|F(S)| = sum_f 1 - C(N - m_f, n) / C(N, n)``: no Monte Carlo. The ratio is evaluated through
     log-gamma (absolute error ~1e-11 at N ~ 3e4) and features sharing the same m_f are grouped.
     """
-    counts, n_samples = _feature_counts(sets)
+    return _coverage(*_feature_counts(sets))
+
+
+def _coverage(counts: np.ndarray, n_samples: int) -> np.ndarray:
     m_values, weights = np.unique(counts, return_counts=True)
     n = np.arange(1, n_samples + 1, dtype=np.float64)
     expected = np.zeros(n_samples)
@@ -79,8 +82,8 @@ def coverage_curve(sets: FeatureSets) -> np.ndarray:
 
 def feature_redundancy(sets: FeatureSets) -> float:
     """``R_hat(D) = sum_n c_n / |F(D)|`` (Eq. 9): AUC of c_n times the growth-rate correction N / |F(D)|."""
-    counts, _ = _feature_counts(sets)
-    return float(coverage_curve(sets).sum() / counts.size)
+    counts, n_samples = _feature_counts(sets)
+    return float(_coverage(counts, n_samples).sum() / counts.size)
 
 
 def overlap(sets_a: FeatureSets, sets_b: FeatureSets, mode: str = "asymmetric") -> float:

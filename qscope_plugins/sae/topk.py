@@ -9,7 +9,7 @@ time; the GEMM reads either layout at the same speed), and ``W_dec`` is contiguo
 per feature, which is what sparse decoding gathers from.
 
 The sparse path (``encode_sparse`` / ``decode_sparse``) never builds an ``N x d_sae`` code
-tensor; long inputs are processed ``chunk_size`` rows at a time so not even the
+tensor; long inputs are processed in chunks of rows (``chunk_bytes``) so not even the
 pre-activations of the whole input exist at once. The dense ``encode`` / ``decode`` /
 ``forward`` keep SAELens semantics and hooks for ``HookedSAETransformer`` and friends.
 """
@@ -24,7 +24,8 @@ import torch
 from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
 from typing_extensions import override
 
-from . import kernels_bridge as kb
+from .kernels import decode as sparse_decode
+from .kernels import topk_encode
 
 ARCHITECTURE = "qwen_scope_topk"
 
@@ -56,8 +57,9 @@ class QwenScopeSAE(TopKSAE):
 
     cfg: QwenScopeSAEConfig  # type: ignore[assignment]
 
-    #: Rows processed at once by the sparse path; bounds the pre-activation buffer.
-    chunk_size: int = 4096
+    #: Bytes of pre-activations (or decode intermediates) held at once by the sparse path;
+    #: ``None`` uses the kernels' default.
+    chunk_bytes: int | None = None
 
     def __init__(self, cfg: QwenScopeSAEConfig, use_error_term: bool = False):
         if cfg.k > cfg.d_sae:
@@ -138,33 +140,19 @@ class QwenScopeSAE(TopKSAE):
         return self.hook_sae_acts_post(torch.zeros_like(pre).scatter_(-1, indices, values))
 
     def encode_sparse(self, x: torch.Tensor) -> TopKCodes:
-        """Top-k codes without any dense ``N x d_sae`` code tensor, processed in chunks of rows."""
-        x = self._check_input(x)
-        flat = x.reshape(-1, self.cfg.d_in)
-        values = torch.empty(flat.shape[0], self.cfg.k, dtype=self.dtype, device=flat.device)
-        indices = torch.empty(flat.shape[0], self.cfg.k, dtype=torch.long, device=flat.device)
-        W_rows = self.W_enc.T
-        for start in range(0, flat.shape[0], self.chunk_size):
-            stop = start + self.chunk_size
-            v, i = kb.topk_encode(flat[start:stop].to(self.dtype), W_rows, self.b_enc, self.cfg.k)
-            values[start:stop], indices[start:stop] = v, i
-        if self.cfg.relu:
-            values.relu_()
-        shape = (*x.shape[:-1], self.cfg.k)
-        return TopKCodes(values.reshape(shape), indices.reshape(shape))
+        """Top-k codes without any dense ``N x d_sae`` code tensor (pre-activations are chunked).
+
+        Runs the fastest exact path for the device (see :mod:`qscope_plugins.sae.kernels`);
+        under ``torch.no_grad()`` / ``inference_mode()`` the Triton path can be taken on CUDA.
+        """
+        values, indices = topk_encode(self._check_input(x), self.W_enc.T, self.b_enc, self.cfg.k,
+                                      chunk_bytes=self.chunk_bytes)
+        return TopKCodes(values.relu() if self.cfg.relu else values, indices)
 
     # ------------------------------------------------------------------ decoder
     def decode_sparse(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """``x_hat = sum_i values_i W_dec[indices_i] + b_dec``, shape ``(..., d_in)``."""
-        if values.shape != indices.shape:
-            raise ValueError(f"values {tuple(values.shape)} and indices {tuple(indices.shape)} must have the same shape")
-        flat_v = values.reshape(-1, values.shape[-1]).to(self.dtype)
-        flat_i = indices.reshape(-1, indices.shape[-1])
-        out = torch.empty(flat_v.shape[0], self.cfg.d_in, dtype=self.dtype, device=self.W_dec.device)
-        for start in range(0, flat_v.shape[0], self.chunk_size):
-            stop = start + self.chunk_size
-            out[start:stop] = kb.decode(flat_v[start:stop], flat_i[start:stop], self.W_dec, self.b_dec)
-        return out.reshape(*values.shape[:-1], self.cfg.d_in)
+        return sparse_decode(values, indices, self.W_dec, self.b_dec, chunk_bytes=self.chunk_bytes)
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """``decode_sparse(*encode_sparse(x))``: the fast reconstruction, no hooks."""

@@ -17,6 +17,8 @@ Public API (what other test modules import):
   ``blocks.{n}.hook_resid_post`` must equal), taken with forward hooks.
 - ``hf_generate_steered(model, ids, layer, vector, max_new_tokens, use_cache)``: HF greedy
   generation with ``vector`` added to the output of decoder layer ``layer``.
+- ``tiny_topk_sae(d_in, hook_name, k=8, seed=1, **model_from_pretrained_kwargs)``: a random
+  SAELens ``TopKSAE`` reading ``hook_name`` (SAELens is imported only when this is called).
 
 Why perturb everything: HF initialises RMSNorm weights to 1 (Qwen3) or 0 (Qwen3.5's
 zero-centred norm) and some routers to 0, so a model fresh from ``__init__`` hides
@@ -258,3 +260,21 @@ def hf_generate_steered(
         )
     finally:
         handle.remove()
+
+
+def tiny_topk_sae(d_in: int, hook_name: str, k: int = 8, seed: int = 1, **model_from_pretrained_kwargs):
+    """A random SAELens ``TopKSAE`` (``d_sae = 4 * d_in``) whose metadata says it reads ``hook_name``.
+
+    ``model_from_pretrained_kwargs`` is stored in the metadata, where SAELens records how the
+    model it was trained on was loaded (e.g. ``center_writing_weights=False``).
+    """
+    from sae_lens import TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    metadata = SAEMetadata(hook_name=hook_name, model_from_pretrained_kwargs=model_from_pretrained_kwargs)
+    sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=4 * d_in, k=k, apply_b_dec_to_input=False, metadata=metadata))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in sae.parameters():
+            param.normal_(generator=generator)
+    return sae

@@ -101,4 +101,5 @@ class GatedDeltaNet(nn.Module):
             return causal_conv1d_update(mixed, state, self.W_conv, None, act), state
         window = mixed if cached is None else torch.cat([cached, mixed], dim=-1)
         out = causal_conv1d_fn(window, self.W_conv, None, activation=act)[..., -pos:]
-        return out, F.pad(window, (max(kernel - window.shape[-1], 0), 0))[..., -kernel:]
+        last = F.pad(window, (max(kernel - window.shape[-1], 0), 0))[..., -kernel:]
+        return out, last.clone(memory_format=torch.contiguous_format)  # a copy: do not pin the prompt

@@ -46,6 +46,8 @@ class HybridBlock(nn.Module):
         past_kv_cache_entry=None,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if self.cfg.use_split_qkv_input or self.cfg.use_attn_in:
+            raise NotImplementedError("use_split_qkv_input / use_attn_in are not supported for Qwen3.5 blocks")
         resid_pre = self.hook_resid_pre(resid_pre)
         normed = self.ln1(resid_pre)
         if isinstance(self.attn, GatedDeltaNet):

@@ -1,8 +1,8 @@
 """Qwen3.5-MoE's feed-forward: routed top-k experts plus an always-on, gated shared expert.
 
 The routed part is the Qwen MoE shared with Qwen3-MoE (:class:`~.._moe.RoutedMoE`: softmax
-router, top-k, renormalised weights, routing hooks). The shared expert is a plain SwiGLU ``GatedMLP`` of its own width,
-scaled per token by ``sigmoid(x @ W_shared_gate)``.
+router, top-k, renormalised weights, routing hooks). The shared expert is a plain SwiGLU
+``GatedMLP`` of its own width, scaled per token by ``sigmoid(x @ W_shared_gate)``.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ class SharedExpertMoE(RoutedMoE):
         self.hook_routed_out = HookPoint()
         self.hook_shared_gate = HookPoint()
         self.hook_shared_out = HookPoint()
+        # TransformerLens's experts are nn.Linear layers created in the default dtype.
+        self.to(self.cfg.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         routed = self.hook_routed_out(super().forward(x))

@@ -9,7 +9,9 @@ one, for benchmarks and tests):
   as ``torch.topk`` on the same pre-activations, ties aside.
 * decoding: the method measured fastest for the device and dtype (:data:`DECODE_TABLE`).
 
-Inputs are cast to the weights' dtype, which is also the dtype of the results.
+Inputs are cast to the weights' dtype, which is also the dtype of the results. The Triton paths
+carry no autograd graph, so ``auto`` takes the torch path whenever a gradient must flow: call
+under ``torch.no_grad()`` / ``torch.inference_mode()`` (or with detached weights) to get them.
 """
 
 from __future__ import annotations
@@ -27,18 +29,17 @@ DecodeMethod = Literal["auto", "dense", "gather", "embedding_bag", "fused"]
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-#: Pre-activation chunk of the Triton path: small enough to stay in an H100's 50 MB L2 between
-#: the GEMM that writes it and the two reads of the filter.
-TRITON_CHUNK_BYTES = 32 << 20
-
-#: Fastest decode per (device type, dtype), from measurements recorded in docs/gpu_topk.md:
-#: CPU (2 cores, this repo's dev machine, benchmarks/topk_kernels.py): embedding_bag beats dense
-#: and gather in every dtype. CUDA: issue 10 measured dense faster than embedding_bag on an H100 in
-#: bf16 (SAELens encode+decode 5.8 ms dense vs 8.1 ms embedding_bag); fp32/fp16 are assumed to
-#: follow bf16. "fused" (Triton) is not yet measured on a GPU: the benchmark prints the winner.
+#: Fastest decode per (device type, dtype); the measurements are in docs/gpu_topk.md.
+#: CPU: measured (benchmarks/topk_kernels.py): embedding_bag beats gather and dense in every dtype.
+#: CUDA bf16: measured in issue 10 on an H100: dense beat embedding_bag (5.8 vs 8.1 ms encode+decode);
+#: fp16 is taken to behave like bf16. CUDA fp32: not measured; a dense fp32 GEMM gets no tensor
+#: cores (TF32 is off by default) while a gather only moves twice the bytes, so embedding_bag.
+#: "fused" (Triton) is not measured on a GPU yet: the benchmark prints the fastest method per row.
 DECODE_TABLE: dict[tuple[str, torch.dtype], str] = {
     **{("cpu", dtype): "embedding_bag" for dtype in DTYPES},
-    **{("cuda", dtype): "dense" for dtype in DTYPES},
+    ("cuda", torch.bfloat16): "dense",
+    ("cuda", torch.float16): "dense",
+    ("cuda", torch.float32): "embedding_bag",
 }
 
 
@@ -56,19 +57,30 @@ def _check_device(name: str, t: torch.Tensor, W: torch.Tensor, w_name: str) -> N
         raise ValueError(f"{name} is on {t.device} but {w_name} is on {W.device}")
 
 
-def _encode_plan(backend: str, device: torch.device, width: int, k: int) -> SelectPlan | None:
-    """The threshold plan to run, or None for the torch path."""
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _require_triton(label: str, device: torch.device, grad: bool) -> None:
+    """Errors for a forced Triton path that cannot run here."""
+    if grad:
+        raise ValueError(f"{label} does not propagate gradients: run under torch.no_grad() or detach")
+    if not TRITON_AVAILABLE:
+        raise RuntimeError(f"{label} needs Triton: pip install 'qscope-plugins[gpu]'")
+    if device.type != "cuda" and not interpreting():
+        raise ValueError(f"{label} needs CUDA tensors (or TRITON_INTERPRET=1), got {device}")
+
+
+def _encode_plan(backend: str, device: torch.device, width: int, k: int, grad: bool = False) -> SelectPlan | None:
+    """The threshold plan to run, or None for the torch path (also whenever gradients must flow)."""
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
     if backend == "torch":
         return None
     plan = plan_selection(width, k)
     if backend == "auto":
-        return plan if TRITON_AVAILABLE and device.type == "cuda" else None
-    if not TRITON_AVAILABLE:
-        raise RuntimeError("backend='triton' needs Triton: pip install 'qscope-plugins[gpu]'")
-    if device.type != "cuda" and not interpreting():
-        raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {device}")
+        return plan if TRITON_AVAILABLE and device.type == "cuda" and not grad else None
+    _require_triton("backend='triton'", device, grad)
     if plan is None:
         raise ValueError(f"width {width} is too small for the Triton Top-k with k={k}: use backend='torch'")
     return plan
@@ -109,12 +121,13 @@ def topk_encode(
     dtype = W_enc_rows.dtype
     flat = x.reshape(-1, d_model).to(dtype)
     bias = b_enc.to(dtype)
-    plan = _encode_plan(backend, x.device, d_sae, k)
+    plan = _encode_plan(backend, x.device, d_sae, k, _needs_grad(x, W_enc_rows, b_enc))
+    budget = chunk_bytes or torch_ops.CHUNK_BYTES
     if plan is None or flat.shape[0] == 0:
-        values, indices = torch_ops.topk_encode(flat, W_enc_rows, bias, k, chunk_bytes or torch_ops.CHUNK_BYTES)
+        values, indices = torch_ops.topk_encode(flat, W_enc_rows, bias, k, budget)
     else:
         values, indices = _threshold(lambda rows: torch.addmm(bias, flat[rows], W_enc_rows.T), flat.shape[0],
-                                     d_sae, k, plan, dtype, x.device, chunk_bytes or TRITON_CHUNK_BYTES)
+                                     d_sae, k, plan, dtype, x.device, budget)
     shape = (*x.shape[:-1], k)
     return values.reshape(shape), indices.reshape(shape)
 
@@ -127,7 +140,7 @@ def topk_last_dim(pre: torch.Tensor, k: int, *, backend: Backend = "auto") -> tu
     width = pre.shape[-1]
     if not 1 <= k <= width:
         raise ValueError(f"k={k} must be in [1, {width}]")
-    plan = _encode_plan(backend, pre.device, width, k)
+    plan = _encode_plan(backend, pre.device, width, k, _needs_grad(pre))
     flat = pre.reshape(-1, width)
     if plan is None or flat.shape[0] == 0:
         return pre.topk(k, dim=-1)
@@ -174,10 +187,7 @@ def decode(
     bias = b_dec.to(dtype)
     budget = chunk_bytes or torch_ops.CHUNK_BYTES
     if chosen == "fused":
-        if not TRITON_AVAILABLE:
-            raise RuntimeError("method='fused' needs Triton: pip install 'qscope-plugins[gpu]'")
-        if W_dec_rows.device.type != "cuda" and not interpreting():
-            raise ValueError(f"method='fused' needs CUDA tensors (or TRITON_INTERPRET=1), got {W_dec_rows.device}")
+        _require_triton("method='fused'", W_dec_rows.device, _needs_grad(values, W_dec_rows, b_dec))
         from .triton_decode import decode_fused
 
         out = decode_fused(flat_v, flat_i, W_dec_rows, bias) if flat_v.shape[0] else bias.expand(0, d_model)

@@ -33,7 +33,8 @@ def _filter_kernel(
     inside = row_ok[:, None] & (cols[None, :] < width)
     values = tl.load(pre_ptr + rows[:, None].to(tl.int64) * stride_row + cols[None, :], mask=inside)
     thresh = tl.load(thresh_ptr + rows, mask=row_ok)
-    keep = inside & (values >= thresh[:, None])
+    # Compare in fp32 (exact for every input dtype): the interpreter orders raw bf16 bit patterns.
+    keep = inside & (values.to(tl.float32) >= thresh.to(tl.float32)[:, None])
     row_counters = counts_ptr + tl.broadcast_to(rows[:, None], (BLOCK_M, BLOCK_N))
     slots = tl.atomic_add(row_counters, 1, mask=keep, sem="relaxed")
     keep = keep & (slots < CAP)
