@@ -5,10 +5,12 @@ process (so peak RSS is clean): the HF model alone (``AutoModelForCausalLM.from_
 and ``HookedTransformer.from_pretrained_no_processing`` on the same directory. Each worker
 reports the peak RSS growth over its post-import baseline and the forward tokens/s.
 
-The memory claim checked here: building the HookedTransformer holds no more than one extra
-layer's weights beyond the HF model (alive while its weights are converted) plus the
-HookedTransformer itself. ``extra_layers`` = (peak_hooked - peak_hf - hooked_weights) /
-one layer's weights; the conversion returns views, so it should be at most 1.
+The memory claim checked here: loading holds no more than one extra layer's weights beyond
+what TransformerLens itself must hold (the HF model it converts from, alive during the
+conversion, plus its own weights). Column ``beyond (layers)`` = (peak while loading -
+resident weights) / one layer's weights, where the resident weights are the HF model's for
+the HF row and HF + HookedTransformer for the hooked row (on a GPU: the model's own, as the
+HF model stays on the CPU). ``run`` peaks add the forward passes' activations.
 
 Usage: python benchmarks/model_load.py [--arch Qwen3ForCausalLM ...] [--device cpu|cuda]
 """
@@ -53,6 +55,11 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def _current_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def _weights_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
@@ -65,7 +72,7 @@ def worker(kind: str, directory: str, device: str, batch: int, seq: int, reps: i
     import qscope_plugins  # noqa: F401  (registers the HookedTransformer integration)
     from transformer_lens import HookedTransformer
 
-    baseline = _peak_rss_bytes()
+    baseline = _current_rss_bytes()  # not the import-time high-water mark
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -77,8 +84,8 @@ def worker(kind: str, directory: str, device: str, batch: int, seq: int, reps: i
         layer_bytes = _weights_bytes(model.blocks[0])
     load_s = time.perf_counter() - start
     load_peak = _peak_rss_bytes() - baseline
-    gpu_peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
 
+    gpu_load_peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
     ids = torch.randint(0, 32000, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
     times = []
     with torch.no_grad():
@@ -96,7 +103,9 @@ def worker(kind: str, directory: str, device: str, batch: int, seq: int, reps: i
         "kind": kind,
         "load_s": load_s,
         "load_peak_rss": load_peak,
-        "gpu_peak_alloc": gpu_peak,
+        "run_peak_rss": _peak_rss_bytes() - baseline,  # load and forwards (activations included)
+        "gpu_load_peak": gpu_load_peak,
+        "gpu_run_peak": torch.cuda.max_memory_allocated() if device == "cuda" else None,
         "weights_bytes": _weights_bytes(model),
         "layer_bytes": layer_bytes,
         "tokens_per_s": batch * seq / times[len(times) // 2],
@@ -113,7 +122,7 @@ def _run_worker(kind: str, directory: str, args) -> dict:
 
 
 def _mib(n: float) -> str:
-    return f"{n / 2**20:8.1f}"
+    return f"{n / 2**20:9.1f}"
 
 
 def main() -> int:
@@ -137,8 +146,10 @@ def main() -> int:
     print(f"device={args.device} ({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
           f"{', ' + torch.cuda.get_device_name() if args.device == 'cuda' else ''}); torch {torch.__version__}, "
           f"transformers {version('transformers')}, transformer-lens {version('transformer-lens')}; "
-          f"batch={args.batch} seq={args.seq} fp32")
-    print(f"{'architecture':24} {'who':7} {'load MiB':>9} {'weights MiB':>11} {'load s':>7} {'tok/s':>9} {'tok/s ratio':>11} {'extra layers':>12}")
+          f"threads={torch.get_num_threads()} batch={args.batch} seq={args.seq} fp32")
+    memory = "GPU" if args.device == "cuda" else "RSS"
+    print(f"{'architecture':24} {'who':7} {'load ' + memory:>9} {'run ' + memory:>9} {'weights':>9} {'load s':>7} "
+          f"{'tok/s':>7} {'ratio':>6} {'beyond (layers)':>15}   (memory in MiB)")
     failed = False
     for arch in args.arch:
         with tempfile.TemporaryDirectory() as directory:
@@ -149,16 +160,17 @@ def main() -> int:
                 failed = True
                 print(f"{arch:24} {row['kind']:7} error: {row['error']}")
                 continue
-            peak = row["gpu_peak_alloc"] if args.device == "cuda" else row["load_peak_rss"]
-            extra = ratio = ""
+            gpu = args.device == "cuda"
+            load_peak, run_peak = (row["gpu_load_peak"], row["gpu_run_peak"]) if gpu else (row["load_peak_rss"], row["run_peak_rss"])
+            # Weights that must be resident: the model's own; for HookedTransformer on the CPU
+            # also the HF model it converts from (on a GPU the HF model stays on the CPU).
+            held = row["weights_bytes"]
+            ratio = ""
             if row is hooked and "error" not in hf:
-                # What TransformerLens itself holds: on CPU the HF model (as loaded alone) plus its
-                # own weights; on a GPU only its own weights (the HF model stays on the CPU).
-                held = row["weights_bytes"] + (hf["load_peak_rss"] if args.device == "cpu" else 0)
-                extra = f"{(peak - held) / row['layer_bytes']:12.2f}"
-                ratio = f"{row['tokens_per_s'] / hf['tokens_per_s']:11.2f}"
-            print(f"{arch:24} {row['kind']:7} {_mib(peak):>9} {_mib(row['weights_bytes']):>11} {row['load_s']:7.1f} "
-                  f"{row['tokens_per_s']:9.0f} {ratio:>11} {extra:>12}")
+                held += 0 if gpu else hf["weights_bytes"]
+                ratio = f"{row['tokens_per_s'] / hf['tokens_per_s']:.2f}"
+            print(f"{arch:24} {row['kind']:7} {_mib(load_peak)} {_mib(run_peak)} {_mib(row['weights_bytes'])} "
+                  f"{row['load_s']:7.1f} {row['tokens_per_s']:7.0f} {ratio:>6} {(load_peak - held) / row['layer_bytes']:15.2f}")
     return 1 if failed else 0
 
 

@@ -6,7 +6,19 @@ Importing the package registers everything with whichever frameworks are install
 
 from ._register import register
 from .catalog import GROUPS, SAEGroup, find_group, get_group
-from .sae import FeatureSubset, QwenScopeSAE, SAEFormatError, TopKCodes, load_sae
+
+# The SAE class subclasses SAELens's TopKSAE; importing it lazily keeps `qscope_plugins.remote`
+# (shipped to NDIF servers, where SAELens is absent) importable without SAELens.
+_LAZY = ("FeatureSubset", "QwenScopeSAE", "SAEFormatError", "TopKCodes", "load_sae")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from . import sae
+
+        return getattr(sae, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 __all__ = [

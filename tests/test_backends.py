@@ -29,9 +29,15 @@ def tok():
 
 
 def make_backend(kind: str, model, tok):
-    """A backend of ``kind`` over the same HF weights (skips when that backend is not available)."""
+    """A backend of ``kind`` over the same HF weights (skips when that backend is not available).
+
+    TransformerLens backends get their own tokenizer: booting a bridge sets ``bos_token`` on the
+    tokenizer it is given, in place (token ids are unchanged; Qwen prompts get no BOS either way).
+    """
     if kind == "hf":
         return HFBackend(model, tok)
+    if kind in ("bridge", "hooked"):
+        tok = tiny_tokenizer()
     if kind == "bridge":
         from transformer_lens.model_bridge import TransformerBridge
 
@@ -120,20 +126,40 @@ STEERING_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(STEERING_CASES))
-def test_steering_matches_hand_written_hook(backend, model, case):
+def steering_case(case):
     spec = STEERING_CASES[case]
     direction = torch.randn(64, generator=torch.Generator().manual_seed(7))
     vector = spec["alpha"] * direction / direction.norm()
-    positions, generated = spec.get("positions"), spec.get("generated", True)
-    ivs = [] if spec["alpha"] == 0 else [Intervention(LAYER, vector=vector, positions=positions, generated=generated)]
+    return vector, spec.get("positions"), spec.get("generated", True)
+
+
+@pytest.fixture(scope="module")
+def references(model, tok):
+    """Reference generations per case, computed once and shared by every backend."""
+    cache = {}
+
+    def get(case):
+        if case not in cache:
+            vector, positions, generated = steering_case(case)
+            cache[case] = []
+            for ids in HFBackend(model, tok).encode(PROMPTS):
+                # One unpadded prompt: negative positions resolve against its own length.
+                where = None if positions is None else sorted({p % len(ids) for p in positions})
+                steered = None if STEERING_CASES[case]["alpha"] == 0 else vector
+                cache[case].append(reference_generate(model, ids, steered, where, generated))
+        return cache[case]
+
+    return get
+
+
+@pytest.mark.parametrize("case", list(STEERING_CASES))
+def test_steering_matches_hand_written_hook(backend, references, case):
+    vector, positions, generated = steering_case(case)
+    ivs = [] if STEERING_CASES[case]["alpha"] == 0 else [Intervention(LAYER, vector=vector, positions=positions,
+                                                                      generated=generated)]
     got = backend.generate(PROMPTS, max_new_tokens=NEW_TOKENS, interventions=ivs, batch_size=len(PROMPTS))
-    for g, ids in zip(got, backend.encode(PROMPTS)):
-        # The reference sees one unpadded prompt: negative positions resolve against its length.
-        ref_positions = None if positions is None else sorted({p % len(ids) for p in positions})
-        expected = reference_generate(model, ids, None if not ivs else vector, ref_positions, generated)
-        assert g.prompt_ids == ids
-        assert g.token_ids == expected, case
+    assert [g.prompt_ids for g in got] == backend.encode(PROMPTS)
+    assert [g.token_ids for g in got] == references(case)
 
 
 def test_steering_changes_the_output(model, tok):

@@ -188,9 +188,8 @@ def dense_maxima(model, backend, saes, texts, features) -> np.ndarray:
     for i, text in enumerate(texts):
         ids = torch.tensor([backend.tokenizer(text)["input_ids"]])
         _, layers = hf_layer_outputs(model, ids)
-        for j, (layer, feature) in enumerate(features):
-            codes = saes[layer].encode(layers[layer][0, 1:].float())
-            out[i, j] = codes[:, feature].max().clamp(min=0).item()
+        codes = {n: saes[n].encode(layers[n][0, 1:].float()).amax(0).clamp(min=0) for n in {l for l, _ in features}}
+        out[i] = [codes[layer][feature].item() for layer, feature in features]
     return out
 
 
@@ -211,3 +210,41 @@ def test_collect_support_rejects_bad_features(backend, saes):
         collect_support(backend, saes, TEXTS, [(3, 1)])
     with pytest.raises(ValueError, match=r"feature 128 out of range for the layer-1 SAE \(d_sae=128\)"):
         collect_support(backend, saes, TEXTS, [(1, 128)])
+
+
+# ---- qscope coverage ---------------------------------------------------------------------------
+def write_cli_inputs(directory, model, features, *, scores=None, labels=None):
+    """A checkpoint, a released-layout SAE dir (layers 1 and 2), a features file and a seed set."""
+    from qscope_plugins.testing.sae_files import write_released_layer
+    from qscope_plugins.testing.tiny_models import save_checkpoint
+
+    save_checkpoint(model, directory / "model")
+    for layer, seed in ((1, 1), (2, 2)):
+        write_released_layer(directory / "sae", layer, random_sae_state(64, 128, seed=seed))
+    items = [{"layer": l, "feature": f, "explanation": f"feature {f}", **({"score": scores[i]} if scores else {}),
+              **({"label": labels[i]} if labels else {})} for i, (l, f) in enumerate(features)]
+    (directory / "features.json").write_text(json.dumps(items))
+    seed = directory / "seed.jsonl"
+    seed.write_text("\n".join(json.dumps({"prompt": t, "response": "ok"}) for t in TEXTS[:3]) + "\n")
+    return ["--model", str(directory / "model"), "--sae", str(directory / "sae"), "--k", "4",
+            "--features", str(directory / "features.json"), "--no-progress"]
+
+
+def test_coverage_command_matches_the_library(tmp_path, model, backend, saes, capsys):
+    from qscope_plugins.cli import main
+
+    features = [(1, 9), (2, 5), (1, 100), (2, 77)]
+    common = write_cli_inputs(tmp_path, model, features, scores=[0.9, 0.8, 0.1, 0.6])
+    assert main(["coverage", str(tmp_path / "seed.jsonl"), *common, "--json", "--min-support", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    texts = [f"{t}\n\nok" for t in TEXTS[:3]]
+    support = collect_support(backend, saes, texts, features)
+    expected = coverage_report(support, dict(zip(features, [0.9, 0.8, 0.1, 0.6])), min_support=2)
+    assert out["missing"] == [list(k) for k in expected.missing]
+    assert out["coverage"] == pytest.approx(expected.coverage)
+    assert [r["support"] for r in out["rows"]] == support.counts.tolist()
+    assert main(["coverage", str(tmp_path / "seed.jsonl"), *common]) == 0
+    assert capsys.readouterr().out.startswith(f"3 examples cover ")
+    unscored = write_cli_inputs(tmp_path / "u", model, features)
+    assert main(["coverage", str(tmp_path / "seed.jsonl"), *unscored]) == 2
+    assert "feature (1, 9) has no score: add 'score' to" in capsys.readouterr().err

@@ -179,6 +179,23 @@ def test_dense_layers_follow_hf_config(hf):
     assert processed.cfg.normalization_type == "RMS"
 
 
+def test_loading_options_apply(hf):
+    hf_model, directory = hf["qwen3_moe"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = HookedTransformer.from_pretrained_no_processing(directory, device="cpu", first_n_layers=2, n_ctx=64)
+    assert (model.cfg.n_layers, model.cfg.n_ctx, len(model.blocks)) == (2, 64, 2)
+    _, ref_layers = hf_layer_outputs(hf_model, IDS)
+    _, cache = model.run_with_cache(IDS)
+    torch.testing.assert_close(cache["blocks.1.hook_resid_post"], ref_layers[1], atol=ATOL, rtol=0)
+
+
+def test_training_checkpoints_are_refused(hf):
+    directory = hf["qwen3"][1]
+    with pytest.raises(ValueError, match=f"^{directory} has no training checkpoints to load$"):
+        HookedTransformer.from_pretrained(directory, checkpoint_index=0)
+
+
 def test_other_model_names_keep_transformer_lens_error():
     with pytest.raises(ValueError, match="not-a-real-model not found. Valid official model names"):
         HookedTransformer.from_pretrained("not-a-real-model")

@@ -121,7 +121,8 @@ def test_hooks_edit_the_computation(hooked):
 def test_per_head_input_hooks_are_refused(hooked):
     hooked.set_use_split_qkv_input(True)
     try:
-        with pytest.raises(NotImplementedError, match=r"^use_split_qkv_input / use_attn_in are not supported for Qwen3.5 blocks$"):
+        message = r"^use_split_qkv_input / use_attn_in are not supported for Qwen3.5 blocks$"
+        with pytest.raises(NotImplementedError, match=message):
             hooked(prompt(batch=1, length=3))
     finally:
         hooked.set_use_split_qkv_input(False)
@@ -214,3 +215,18 @@ def test_default_processing_then_a_qwen_scope_sae(checkpoints, hf, tmp_path, off
     torch.testing.assert_close(cache[f"{hook}.hook_sae_input"], ref_layers[STEER_LAYER], atol=ATOL, rtol=0)
     torch.testing.assert_close(logits, clean, atol=ATOL, rtol=0)  # the error term restores the output
     assert 0 < int(cache[f"{hook}.hook_sae_acts_post"].count_nonzero(-1).max()) <= 8
+
+
+def test_bfloat16_model(arch, checkpoints, hf):
+    """Every weight in bf16 (the experts too), and the first layer follows HF's bf16 run."""
+    model = HookedTransformer.from_pretrained_no_processing(str(checkpoints[0]), device="cpu", dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    ids = prompt(batch=1, length=8, seed=10)
+    hf_bf16 = tiny_model(arch).to(torch.bfloat16)
+    with torch.no_grad():
+        _, ref_layers = hf_layer_outputs(hf_bf16, ids)
+        logits, cache = model.run_with_cache(ids)
+    assert logits.dtype == torch.bfloat16
+    torch.testing.assert_close(cache["blocks.0.hook_resid_post"], ref_layers[0], atol=0.05, rtol=0)
+    out = model.generate(ids, max_new_tokens=3, do_sample=False, stop_at_eos=False, verbose=False)
+    assert out.shape == (1, 11)

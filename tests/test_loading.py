@@ -146,7 +146,7 @@ MEASURE = textwrap.dedent(
     """
     import gc, sys
     from pathlib import Path
-    import qscope_plugins
+    from qscope_plugins import load_sae  # import everything before measuring
 
     def rss(field):
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -157,7 +157,7 @@ MEASURE = textwrap.dedent(
         gc.collect()
         Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter
         base = rss("VmRSS:")
-        sae = qscope_plugins.load_sae(sys.argv[1], 0, dtype=dtype)
+        sae = load_sae(sys.argv[1], 0, dtype=dtype)
         print(dtype, rss("VmHWM:") - base)
         del sae
     """

@@ -219,7 +219,8 @@ def test_top_contexts_match_the_dense_reference(model, backend, saes):
         assert [c.activation for c in contexts[key]] == pytest.approx(best.tolist(), rel=1e-4)
         top_text = TEXTS[int(np.argmax(reference[:, j]))]
         assert contexts[key][0].text in top_text and len(contexts[key][0].peak) == 1
-    never = [f for f in range(128) if f not in firing_features(model, backend, saes, TEXTS, lo=1, hi=len(TEXTS))]
+    fire = firing_features(model, backend, saes, TEXTS, lo=1, hi=len(TEXTS))
+    never = [f for f in range(128) if f not in fire]
     assert top_contexts(backend, saes, TEXTS, [(LAYER, never[0])])[(LAYER, never[0])] == []
     seen = []
     reply = explain(lambda prompt: seen.append(prompt) or " Detects questions. ", contexts[features[0]])
@@ -233,12 +234,12 @@ def test_context_prompter_raises_coverage_of_missing_targets(model, backend, sae
     corpus = POOL + TEXTS[2:]
     features = [(LAYER, f) for f in range(128)]
     before = coverage_report(collect_support(backend, saes, seed, features), {k: 1.0 for k in features}, tau=0.5)
-    missing = [TargetFeature(l, f) for l, f in before.missing]
+    ordered = priority_targets(before, [TargetFeature(l, f) for l, f in features])
+    assert [t.key for t in ordered] == before.missing + before.weak
+    missing = priority_targets(before, ordered, include_weak=False)
     contexts = top_contexts(backend, saes, corpus, [t.key for t in missing], n=3, window=40)
-    reachable = [t for t in missing if contexts[t.key]]
-    assert reachable
-    ordered = priority_targets(before, missing)
-    assert [t.key for t in ordered] == before.missing
+    reachable = [t for t in missing if contexts[t.key]][:6]
+    assert len(reachable) == 6
     requests = plan_requests(reachable, contexts)
     assert requests[0].description == "what the example texts below have in common"
     out = tmp_path / "synth.jsonl"
@@ -263,3 +264,57 @@ def test_random_baseline_is_unverified_deterministic_and_budgeted(tmp_path):
                                  f"Sure, here is how: {r['prompt']}.") for r in records)
     with pytest.raises(ValueError, match="topic label 'toxic' is not one of harmful, benign"):
         random_synthesis(tmp_path / "c.jsonl", gens, budget=5, topics=[("x", "toxic")])
+
+
+# ---- qscope synth ------------------------------------------------------------------------------
+def test_synth_command_dry_run_then_run_then_resume(model, backend, saes, tmp_path, capsys):
+    from test_coverage import write_cli_inputs
+
+    from qscope_plugins.cli import main
+
+    features = [(LAYER, f) for f in firing_features(model, backend, saes, POOL, lo=1, hi=3)[:3]]
+    common = write_cli_inputs(tmp_path, model, features, scores=[1.0] * 3)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(POOL) + "\n")
+    seed = str(tmp_path / "seed.jsonl")
+    out = tmp_path / "synth.jsonl"
+    plan = ["synth", seed, *common, "--corpus", str(corpus), "--generator", "contexts", "--synthetic", str(out)]
+    assert main([*plan, "--dry-run", "--json"]) == 0
+    dry = json.loads(capsys.readouterr().out)
+    assert not out.exists()
+    assert dry["targets"] == dry["before"]["missing"] + dry["before"]["weak"]  # missing first
+    assert [[r["layer"], r["feature"]] for r in dry["requests"]] == dry["targets"]
+    assert all(r["contexts"] for r in dry["requests"])
+    assert main([*plan, "--budget", "2", "--baseline", str(tmp_path / "random.jsonl"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    records = read_synthetic(out)
+    assert summary["total"] == len(records) == 2
+    assert summary["after"]["coverage"] > summary["before"]["coverage"]
+    assert all(r["activation"] > 0 and r["generator"] == "contexts" for r in records)
+    assert len(read_synthetic(tmp_path / "random.jsonl")) == 2 and "baseline" in summary
+    assert main([*plan, "--budget", "2"]) == 2
+    assert "exists; resume it" in capsys.readouterr().err
+    assert main([*plan, "--budget", "2", "--resume", "--baseline", str(tmp_path / "random.jsonl")]) == 0
+    assert read_synthetic(out) == records
+
+
+def test_synth_command_with_a_text_generation_model(model, backend, saes, tmp_path, capsys):
+    from test_coverage import write_cli_inputs
+
+    from qscope_plugins.cli import main
+
+    features = [(LAYER, f) for f in firing_features(model, backend, saes, POOL, lo=1, hi=3)[:2]]
+    common = write_cli_inputs(tmp_path, model, features, scores=[1.0, 1.0], labels=["harmful", "benign"])
+    out = tmp_path / "synth.jsonl"
+    args = ["synth", str(tmp_path / "seed.jsonl"), *common, "--synthetic", str(out), "--generator-model",
+            str(tmp_path / "model"), "--styles", "roleplay", "--max-new-tokens", "12", "--max-rounds", "2",
+            "--budget", "4", "--json"]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["generated"] > 0
+    records = read_synthetic(out)
+    assert records and len(records) == summary["total"] <= 4
+    assert all(r["activation"] > 0 and r["responder"] == "llm" and r["generator"] == "llm" for r in records)
+    assert {r["rewrite"] for r in records} <= {None, "roleplay"}
+    assert main(["synth", str(tmp_path / "seed.jsonl"), *common, "--synthetic", str(out)]) == 2
+    assert "--generator llm and --explain need --generator-model" in capsys.readouterr().err

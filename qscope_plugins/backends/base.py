@@ -131,6 +131,35 @@ class Editor:
         return hidden
 
 
+def editors_by_layer(
+    interventions: Sequence[Intervention], attention_mask: Tensor, device: torch.device, dtype: torch.dtype
+) -> dict[int, Editor]:
+    """One :class:`Editor` per edited layer, its vectors moved to the model's device and dtype once."""
+    grouped: dict[int, list[Intervention]] = {}
+    for iv in interventions:
+        grouped.setdefault(iv.layer, []).append(iv.to(device, dtype))
+    return {n: Editor(ivs, attention_mask) for n, ivs in grouped.items()}
+
+
+def layer_functions(
+    editors: dict[int, Editor], capture: Sequence[int], captured: dict[int, Tensor]
+) -> dict[int, Callable[[Tensor], Tensor]]:
+    """For every layer to hook: apply its editor (if any), then store the output in ``captured``
+    (if asked), so a capture sees the edited residual. Backends wrap these in their own hooks."""
+
+    def make(n: int) -> Callable[[Tensor], Tensor]:
+        def fn(hidden: Tensor) -> Tensor:
+            if n in editors:
+                hidden = editors[n](hidden)
+            if n in capture:
+                captured[n] = hidden
+            return hidden
+
+        return fn
+
+    return {n: make(n) for n in {*capture, *editors}}
+
+
 @dataclass(frozen=True)
 class Batch:
     """Token ids of one padded batch and its attention mask (1 = real token)."""
@@ -338,8 +367,7 @@ class Backend(ABC):
             from tqdm.auto import tqdm
 
             starts = tqdm(starts, desc=desc, unit="batch")
-        for s in starts:
-            yield self.pad(rows[s : s + batch_size], side, s)
+        return (self.pad(rows[s : s + batch_size], side, s) for s in starts)
 
     def _all_interventions(self, interventions: Sequence[Intervention]) -> list[Intervention]:
         chosen = [*self._active_interventions(), *interventions]
@@ -371,7 +399,6 @@ class Backend(ABC):
         finally:
             del active[n:]
 
-    @torch.no_grad()
     def residuals(
         self,
         prompts: Prompts,
@@ -385,11 +412,17 @@ class Backend(ABC):
         """Stream residuals at ``layers`` batch by batch (right-padded; see :class:`ResidualBatch`).
 
         ``last_token=True`` keeps only each prompt's last real token (``(B, D)`` per layer).
-        Streaming keeps memory at one batch, whatever the number of prompts.
+        Streaming keeps memory at one batch, whatever the number of prompts. Arguments are
+        checked here, before the first batch is requested.
         """
         layers = [self.check_layer(n) for n in layers]
         chosen = self._all_interventions(interventions)
-        for batch in self._batches(self.encode(prompts), batch_size, "right", progress, "residuals"):
+        batches = self._batches(self.encode(prompts), batch_size, "right", progress, "residuals")
+        return self._stream(batches, layers, chosen, last_token)
+
+    @torch.no_grad()
+    def _stream(self, batches, layers, chosen, last_token) -> Iterator[ResidualBatch]:
+        for batch in batches:
             hidden = self._capture(batch, layers, chosen)
             if last_token:
                 rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)

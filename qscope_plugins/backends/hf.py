@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import Backend, Batch, Editor, Intervention, Sampling
+from .base import Backend, Batch, Editor, Intervention, Sampling, editors_by_layer, layer_functions
 
 # Where decoder layers live, most common first: Qwen3 / Qwen3.5 text models, the published
 # multimodal Qwen3.5 layout, older wrappers, GPT-2 style models.
@@ -106,27 +106,11 @@ class HFBackend(Backend):
                 h.remove()
 
     def _editors(self, batch: Batch, interventions: Sequence[Intervention]) -> dict[int, Editor]:
-        dtype = next(self.model.parameters()).dtype
-        by_layer: dict[int, list[Intervention]] = {}
-        for iv in interventions:
-            by_layer.setdefault(iv.layer, []).append(iv.to(self.device, dtype))
-        return {n: Editor(ivs, batch.attention_mask) for n, ivs in by_layer.items()}
+        return editors_by_layer(interventions, batch.attention_mask, self.device, next(self.model.parameters()).dtype)
 
     def _capture(self, batch: Batch, layers: Sequence[int], interventions: Sequence[Intervention]) -> dict[int, Tensor]:
-        editors = self._editors(batch, interventions)
         captured: dict[int, Tensor] = {}
-
-        def edit_and_capture(n: int) -> Callable[[Tensor], Tensor]:
-            def fn(h: Tensor) -> Tensor:
-                if n in editors:
-                    h = editors[n](h)
-                if n in layers:
-                    captured[n] = h
-                return h
-
-            return fn
-
-        with self._hooks({n: edit_and_capture(n) for n in {*layers, *editors}}):
+        with self._hooks(layer_functions(self._editors(batch, interventions), layers, captured)):
             # Right padding + causal attention: no mask needed for the real positions, and none
             # passed keeps the forward identical to the unpadded one.
             self.model(input_ids=batch.input_ids, use_cache=False)

@@ -19,7 +19,7 @@ from transformer_lens import HookedTransformer, TransformerLensKeyValueCache
 from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.utilities.logits_utils import sample_logits
 
-from .base import Backend, Batch, Editor, Intervention, Sampling
+from .base import Backend, Batch, Editor, Intervention, Sampling, editors_by_layer, layer_functions
 
 
 def hook_name(layer: int) -> str:
@@ -64,32 +64,16 @@ class TransformerLensBackend(Backend):
             tl = TransformerBridge.boot_transformers(model, device=device, dtype=dtype)
         return cls(tl)
 
-    def _hooks(self, batch: Batch, interventions: Sequence[Intervention]) -> dict[int, Editor]:
-        dtype = self.model.cfg.dtype
-        by_layer: dict[int, list[Intervention]] = {}
-        for iv in interventions:
-            by_layer.setdefault(iv.layer, []).append(iv.to(self.device, dtype))
-        return {n: Editor(ivs, batch.attention_mask) for n, ivs in by_layer.items()}
+    def _editors(self, batch: Batch, interventions: Sequence[Intervention]) -> dict[int, Editor]:
+        return editors_by_layer(interventions, batch.attention_mask, self.device, self.model.cfg.dtype)
 
     @staticmethod
     def _fwd_hooks(fns: dict[int, Callable[[Tensor], Tensor]]) -> list[tuple[str, Callable]]:
         return [(hook_name(n), lambda h, hook, fn=fn: fn(h)) for n, fn in fns.items()]
 
     def _capture(self, batch: Batch, layers: Sequence[int], interventions: Sequence[Intervention]) -> dict[int, Tensor]:
-        editors = self._hooks(batch, interventions)
         captured: dict[int, Tensor] = {}
-
-        def edit_and_capture(n: int) -> Callable[[Tensor], Tensor]:
-            def fn(h: Tensor) -> Tensor:
-                if n in editors:
-                    h = editors[n](h)
-                if n in layers:
-                    captured[n] = h
-                return h
-
-            return fn
-
-        hooks = self._fwd_hooks({n: edit_and_capture(n) for n in {*layers, *editors}})
+        hooks = self._fwd_hooks(layer_functions(self._editors(batch, interventions), layers, captured))
         # Right padding + causal attention: the real positions need no mask (see backends.base).
         # HookedTransformer can stop after the last captured layer; later edits cannot matter.
         kwargs = {} if self.bridge else {"stop_at_layer": max(layers) + 1}
@@ -98,7 +82,7 @@ class TransformerLensBackend(Backend):
         return captured
 
     def _generate(self, batch: Batch, interventions: Sequence[Intervention], max_new_tokens: int, sampling: Sampling) -> Tensor:
-        hooks = self._fwd_hooks(dict(self._hooks(batch, interventions)))
+        hooks = self._fwd_hooks(dict(self._editors(batch, interventions)))
         with self.model.hooks(fwd_hooks=hooks):
             if self.bridge:
                 out = self.model.generate(

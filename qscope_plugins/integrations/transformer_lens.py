@@ -56,10 +56,9 @@ _ACTIVE: contextvars.ContextVar[_Source | None] = contextvars.ContextVar("qscope
 class _Source:
     """Where one of our models comes from, resolved once per ``from_pretrained`` call."""
 
-    name: str
+    name: str  # as the user gave it: a local dir or a hub id (weights load from it without hf_model)
     module: ModuleType
     text_config: PretrainedConfig
-    weights_from: str  # local dir or hub id, used when no hf_model is given
     tokenizer_name: str | None
 
 
@@ -77,7 +76,7 @@ def _resolve(model_name: str, hf_model=None, **hub_kwargs: Any) -> _Source | Non
     tokenizer_name = next((c for c in candidates if _has_tokenizer(c)), None)
     if tokenizer_name is None and not is_local_model(model_name):
         tokenizer_name = model_name  # a hub id: the tokenizer is fetched like TransformerLens does
-    return _Source(model_name, module, config.get_text_config(), model_name, tokenizer_name)
+    return _Source(model_name, module, config.get_text_config(), tokenizer_name)
 
 
 def _active(name: str) -> _Source | None:
@@ -123,7 +122,7 @@ def _get_pretrained_state_dict(official_model_name: str, cfg, hf_model=None, dty
     if hf_model is None:
         # AutoModelForCausalLM maps the multimodal Qwen3.5 configs to the text model and drops
         # the vision weights, so no torchvision is needed.
-        hf_model = AutoModelForCausalLM.from_pretrained(source.weights_from, dtype=kwargs.pop("torch_dtype", dtype), **kwargs)
+        hf_model = AutoModelForCausalLM.from_pretrained(source.name, dtype=kwargs.pop("torch_dtype", dtype), **kwargs)
         hf_model.requires_grad_(False)
     return source.module.convert_state_dict(hf_model, cfg)
 
@@ -197,21 +196,20 @@ def _warn_if_residual_changed(model, sae) -> None:
         )
 
 
-def _patch_add_sae() -> bool:
+def _patch_add_sae() -> None:
     try:
         from sae_lens import HookedSAETransformer
     except ModuleNotFoundError:
-        return False
+        return
     original = HookedSAETransformer.add_sae
     _ORIGINAL["add_sae"] = original
 
+    @functools.wraps(original)
     def add_sae(self, sae, *args: Any, **kwargs: Any):
         _warn_if_residual_changed(self, sae)
         return original(self, sae, *args, **kwargs)
 
-    add_sae.__doc__ = original.__doc__
     HookedSAETransformer.add_sae = add_sae
-    return True
 
 
 def register() -> list[str]:

@@ -15,8 +15,8 @@ variant, random features, linear probe on residuals) live here too; evaluation i
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -100,7 +100,6 @@ class FeatureClassifier:
     model: str | None = None
     sae_source: str | None = None
     sae_revision: str | None = None
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.features:

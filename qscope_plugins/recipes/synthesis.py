@@ -241,6 +241,8 @@ class LLMResponder:
 
 @dataclass(frozen=True)
 class Candidate:
+    """One generated example before verification; ``rewrite`` names its attack style (None: plain prompt)."""
+
     prompt: str
     response: str | None
     rewrite: str | None

@@ -5,7 +5,8 @@ Public API (what other test modules import):
 - ``ARCHITECTURES``: the four text architectures, HF class names.
 - ``tiny_config(arch, **overrides)``: a transformers config, hidden size 64, 4 layers.
 - ``tiny_model(arch, seed=0, **overrides)``: that model in fp32 eval mode, every weight
-  perturbed from its init value (norm weights included), reproducible from ``seed``.
+  perturbed from its init value (norm weights included, see ``perturb_``), reproducible
+  from ``seed``. ``max_position_embeddings`` is ``MAX_POSITIONS`` (512, not 2048).
 - ``tiny_tokenizer()``: a byte-level BPE tokenizer built locally (no download) that
   round-trips any text; its ids fit every tiny config's vocabulary.
 - ``save_checkpoint(model, directory, multimodal=False, tokenizer=None)``: a local
