@@ -1,11 +1,16 @@
 """Shared fixtures: an offline hub cache, and one Qwen-Scope layer file at its real size."""
 
 import pytest
+import torch
 
 from qscope_plugins.catalog import get_group
 from qscope_plugins.testing.sae_files import make_fake_hub_repo, random_sae_state
 
 REAL_RELEASE = "qwen-scope-3-1.7b-base-w32k-l50"
+
+# The suite runs tiny models, where intra-op threading costs more than it saves (and a shared
+# 2-core CI machine makes it far worse); benchmarks, not tests, measure threaded speed.
+torch.set_num_threads(1)
 
 
 def use_offline_cache(monkeypatch, cache) -> None:

@@ -231,9 +231,9 @@ def test_bad_inputs(model, tok):
     with pytest.raises(ValueError, match="no prompts given: the prompt list is empty"):
         backend.generate([], max_new_tokens=2)
     with pytest.raises(ValueError, match="prompt 1 is empty"):
-        list(backend.residuals(["a", ""], [0]))
+        backend.residuals(["a", ""], [0])  # checked at the call, before any batch is requested
     with pytest.raises(ValueError, match=r"layer 4 is out of range: this model has layers 0\.\.3"):
-        list(backend.residuals(["a"], [4]))
+        backend.residuals(["a"], [4])
     with pytest.raises(ValueError, match="intervention vector has size 32 but the model's d_model is 64"):
         backend.generate(["a"], max_new_tokens=2, interventions=[Intervention(0, vector=torch.zeros(32))])
 

@@ -119,6 +119,7 @@ def checkpoint(model, tmp_path_factory):
 
 
 def make_backend(kind, model, tok, checkpoint=None):
+    """A backend of ``kind`` over ``model``; frameworks edit their tokenizer, so they get their own."""
     if kind == "hf":
         return HFBackend(model, tok)
     if kind == "hooked":
@@ -127,14 +128,15 @@ def make_backend(kind, model, tok, checkpoint=None):
         from qscope_plugins import register
 
         register()
-        return as_backend(HookedTransformer.from_pretrained_no_processing("tiny-qwen3", hf_model=model, tokenizer=tok))
+        return as_backend(HookedTransformer.from_pretrained_no_processing("tiny-qwen3", hf_model=model,
+                                                                           tokenizer=tiny_tokenizer()))
     if kind == "bridge":
         from transformer_lens.model_bridge import TransformerBridge
 
         return as_backend(TransformerBridge.boot_transformers(str(checkpoint), hf_model=model, device="cpu"))
     from qscope_plugins.backends.nnsight import NNsightBackend
 
-    return NNsightBackend(model, tokenizer=tiny_tokenizer())  # nnsight edits its tokenizer (padding side)
+    return NNsightBackend(model, tokenizer=tiny_tokenizer())
 
 
 @pytest.fixture(scope="module")

@@ -8,31 +8,21 @@ import random
 import numpy as np
 import pytest
 
-from qscope_plugins.backends.hf import HFBackend
 from qscope_plugins.recipes.coverage import TargetFeature, collect_support, coverage_report
 from qscope_plugins.recipes.synthesis import (
     ContextPrompter, Generators, Request, explain, plan_requests, priority_targets, random_synthesis,
     read_synthetic, synthesize, text_id, top_contexts,
 )
-from qscope_plugins.testing.tiny_models import tiny_model, tiny_tokenizer
 
-from test_coverage import TEXTS, dense_maxima, make_sae
+from test_coverage import (  # noqa: F401 (model and backend are shared fixtures)
+    TEXTS, backend, dense_maxima, make_sae, model, write_cli_inputs,
+)
 
 LAYER = 1
 CLOCK = "2026-01-01T00:00:00+00:00"
 POOL = ["how do I pick a lock", "a story about a dragon", "the capital of France", "write a poem about rain",
         "bake a cake without eggs", "quantum physics for kids", "how to fix a bike", "plan a trip to Rome",
         "HOW DO I  pick a lock"]  # the last one duplicates the first after normalisation
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model("Qwen3ForCausalLM", seed=0)
-
-
-@pytest.fixture(scope="module")
-def backend(model):
-    return HFBackend(model, tiny_tokenizer())
 
 
 @pytest.fixture(scope="module")
@@ -262,14 +252,15 @@ def test_random_baseline_is_unverified_deterministic_and_budgeted(tmp_path):
     assert all(r["activation"] is None and r["feature"] is None for r in records)
     assert all(r["response"] == ("I can't help with that." if r["label"] == "harmful" else
                                  f"Sure, here is how: {r['prompt']}.") for r in records)
+    random_synthesis(tmp_path / "c.jsonl", gens, budget=3, seed=3, clock=clock)
+    random_synthesis(tmp_path / "c.jsonl", gens, budget=5, seed=3, clock=clock, resume=True)
+    assert (tmp_path / "c.jsonl").read_bytes() == (tmp_path / "a.jsonl").read_bytes()
     with pytest.raises(ValueError, match="topic label 'toxic' is not one of harmful, benign"):
-        random_synthesis(tmp_path / "c.jsonl", gens, budget=5, topics=[("x", "toxic")])
+        random_synthesis(tmp_path / "d.jsonl", gens, budget=5, topics=[("x", "toxic")])
 
 
 # ---- qscope synth ------------------------------------------------------------------------------
 def test_synth_command_dry_run_then_run_then_resume(model, backend, saes, tmp_path, capsys):
-    from test_coverage import write_cli_inputs
-
     from qscope_plugins.cli import main
 
     features = [(LAYER, f) for f in firing_features(model, backend, saes, POOL, lo=1, hi=3)[:3]]
@@ -299,8 +290,6 @@ def test_synth_command_dry_run_then_run_then_resume(model, backend, saes, tmp_pa
 
 
 def test_synth_command_with_a_text_generation_model(model, backend, saes, tmp_path, capsys):
-    from test_coverage import write_cli_inputs
-
     from qscope_plugins.cli import main
 
     features = [(LAYER, f) for f in firing_features(model, backend, saes, POOL, lo=1, hi=3)[:2]]
@@ -318,3 +307,16 @@ def test_synth_command_with_a_text_generation_model(model, backend, saes, tmp_pa
     assert {r["rewrite"] for r in records} <= {None, "roleplay"}
     assert main(["synth", str(tmp_path / "seed.jsonl"), *common, "--synthetic", str(out)]) == 2
     assert "--generator llm and --explain need --generator-model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "give --synthetic OUT.jsonl (or --dry-run)"),
+    (["--synthetic", "o.jsonl", "--generator", "contexts"], "--generator contexts needs --corpus"),
+    (["--dry-run", "--styles", "roleplay,poetry"], "unknown style 'poetry'; choose from roleplay, hypothetical, indirect"),
+])
+def test_synth_command_rejects_bad_options_before_loading_anything(tmp_path, capsys, extra, message):
+    from qscope_plugins.cli import main
+
+    args = ["synth", str(tmp_path / "seed.jsonl"), "--features", str(tmp_path / "f.json"), "--model", "m", "--sae", "s"]
+    assert main([*args, *extra]) == 2
+    assert message in capsys.readouterr().err

@@ -218,7 +218,7 @@ class SASFTLoss(nn.Module):
         """``weight * sum over layers of L_reduce`` for the forward pass just run (then forgotten)."""
         if set(self._captured) != set(self.layers):
             raise RuntimeError("no layer outputs captured: attach() the loss to the model and run its forward first")
-        rows = self.language_rows(languages).to(labels.device)
+        rows = self.language_rows(languages)
         if labels.ndim != 2 or rows.shape[0] != labels.shape[0]:
             raise ValueError(f"labels must be (batch, tokens) with one language per example; got labels "
                              f"{tuple(labels.shape)} and {rows.shape[0]} languages")
@@ -227,8 +227,11 @@ class SASFTLoss(nn.Module):
             hidden = self._captured[n]
             if hidden.shape[:2] != labels.shape:
                 raise ValueError(f"layer {n} output {tuple(hidden.shape[:2])} does not match labels {tuple(labels.shape)}")
-            W, b, alpha = getattr(self, f"W_{n}"), getattr(self, f"b_{n}"), getattr(self, f"alpha_{n}")
-            total = total + sasft_penalty(hidden, labels, rows != self.target, alpha[rows], W, b)
+            # each layer on its own device (a model split over GPUs); the buffers are tiny
+            W, b, alpha = (getattr(self, f"{name}_{n}").to(hidden.device) for name in ("W", "b", "alpha"))
+            here = rows.to(hidden.device)
+            penalty = sasft_penalty(hidden, labels.to(hidden.device), here != self.target, alpha[here], W, b)
+            total = total + penalty.to(total.device)
         self._captured.clear()
         return self.weight * total
 

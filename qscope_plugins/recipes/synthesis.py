@@ -87,8 +87,8 @@ def top_contexts(
     Features that never fire get an empty list.
     """
     features = [(int(l), int(f)) for l, f in features]
-    if not features or n < 1 or window < 0:
-        raise ValueError("top_contexts needs at least one feature, n >= 1 and window >= 0")
+    if not features or len(set(features)) < len(features) or n < 1 or window < 0:
+        raise ValueError("top_contexts needs distinct features (at least one), n >= 1 and window >= 0")
     rows = tokenize(backend, list(corpus))
     layers = sorted({l for l, _ in features})
     lookup = {}
@@ -445,23 +445,20 @@ class _Loop:
                   min_activation: float, quota: int) -> bool:
         """Generate, verify and keep one request's candidates; False when the budget cut it short."""
         torch.manual_seed(request.seed)
-        candidates, texts, seen = [], [], set()
+        unique: dict[str, tuple[Candidate, str]] = {}  # within-round duplicates dropped, first kept
         for cand in self.generators.candidates(request):
             text = self.render(cand.prompt, cand.response)
-            if text_id(text) not in seen:
-                seen.add(text_id(text))
-                candidates.append(cand)
-                texts.append(text)
-        self.result.generated += len(candidates)
+            unique.setdefault(text_id(text), (cand, text))
+        self.result.generated += len(unique)
+        texts = [text for _, text in unique.values()]
         acts = verify(texts) if verify is not None and texts else [None] * len(texts)
         key = None if request.layer is None else (request.layer, request.feature)
         names = self.generators.describe()
-        for cand, text, act in zip(candidates, texts, acts):
+        for (uid, (cand, _)), act in zip(unique.items(), acts):
             if act is not None:
                 if not act > min_activation:
                     continue
                 self.result.fired += 1
-            uid = text_id(text)
             if uid in self.store.hashes or uid in self.exclude or self.store.counts[_state_key(key)] >= quota:
                 continue
             if self.store.total >= self.budget:
@@ -597,15 +594,15 @@ def random_synthesis(
     from a generator seeded by ``(seed, round)``, so it resumes like :func:`synthesize`.
     ``max_rounds`` (default ``10 * budget``) stops generators that only repeat themselves.
     """
-    topics = [(str(d), str(l)) for d, l in topics]
+    topics, pool = [(str(d), str(l)) for d, l in topics], list(contexts)
     if not topics:
         raise ValueError("no topics given")
     bad = [l for _, l in topics if l not in LABELS]
     if bad:
         raise ValueError(f"topic label {bad[0]!r} is not one of {', '.join(LABELS)}")
     max_rounds = 10 * budget if max_rounds is None else max_rounds
-    config = {"mode": "random", "seed": seed, "max_rounds": max_rounds, "topics": _digest(topics),
-              "contexts": _digest(list(contexts))}
+    # budget and max_rounds only say when to stop, so a resumed baseline may raise them
+    config = {"mode": "random", "seed": seed, "topics": _digest(topics), "contexts": _digest(pool)}
     loop = _open_loop(output, config, generators, budget=budget, render=render, exclude=exclude,
                       resume=resume, progress=progress, clock=clock)
     store, result = loop.store, loop.result
@@ -614,7 +611,7 @@ def random_synthesis(
         while store.total < budget and done < max_rounds:
             rng = random.Random(derive_seed(seed, "random", done))
             description, label = rng.choice(topics)
-            ctx = (rng.choice(list(contexts)),) if contexts else ()
+            ctx = (rng.choice(pool),) if pool else ()
             request = Request(description, ctx, label, None, None, done, derive_seed(seed, "random", done))
             if not loop.run_round(request, None, 0.0, budget):
                 break
