@@ -23,6 +23,7 @@ import tempfile
 import time
 
 import torch
+from _common import random_qwen3
 
 
 def main() -> None:
@@ -36,28 +37,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    import transformers
-
     from qscope_plugins import QwenScopeSAE
     from qscope_plugins.backends.hf import HFBackend
     from qscope_plugins.recipes.footprints import extract_footprints
     from qscope_plugins.testing.sae_files import random_sae_state
-    from qscope_plugins.testing.tiny_models import perturb_, tiny_config, tiny_tokenizer
 
     device = torch.device(args.device)
-    config = tiny_config(
-        "Qwen3ForCausalLM",
-        hidden_size=args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.hidden // 64,
-        num_key_value_heads=max(1, args.hidden // 256),
-        head_dim=64,
-        intermediate_size=3 * args.hidden,
-        max_position_embeddings=max(512, args.length),
-    )
-    model = perturb_(transformers.AutoModelForCausalLM.from_config(config)).eval().to(device)
-    tokenizer = tiny_tokenizer()
-    tokenizer.model_max_length = config.max_position_embeddings
+    model, tokenizer = random_qwen3(args.hidden, args.layers, device, args.length)
     backend = HFBackend(model, tokenizer)
     layers = [args.layers // 2 + i for i in range(-2, 2)]
     saes = {}
@@ -108,7 +94,7 @@ def main() -> None:
     report = {
         "device": name,
         "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        "transformers": __import__("transformers").__version__,
         "python": platform.python_version(),
         "model": {"hidden": args.hidden, "layers": args.layers, "d_sae": 16 * args.hidden, "k": 50},
         "tokens": n_tokens,

@@ -6,11 +6,12 @@ and ``HookedTransformer.from_pretrained_no_processing`` on the same directory. E
 reports the peak RSS growth over its post-import baseline and the forward tokens/s.
 
 The memory claim checked here: loading holds no more than one extra layer's weights beyond
-what TransformerLens itself must hold (the HF model it converts from, alive during the
-conversion, plus its own weights). Column ``beyond (layers)`` = (peak while loading -
-resident weights) / one layer's weights, where the resident weights are the HF model's for
-the HF row and HF + HookedTransformer for the hooked row (on a GPU: the model's own, as the
-HF model stays on the CPU). ``run`` peaks add the forward passes' activations.
+what TransformerLens itself must hold (the HF model it converts from plus its own weights).
+The hooked worker loads the HF model exactly like the HF worker, restarts peak tracking, then
+builds the HookedTransformer from it; ``beyond (layers)`` is that phase's peak growth minus
+the HookedTransformer's weights, in units of one block's weights. For the HF row it is the
+HF loader's own peak beyond its weights, for comparison. ``run`` peaks include the forward
+passes' activations. Linux only (``/proc/self/status``, ``clear_refs``).
 
 Usage: python benchmarks/model_load.py [--arch Qwen3ForCausalLM ...] [--device cpu|cuda]
 """
@@ -21,7 +22,7 @@ import argparse
 import json
 import os
 import platform
-import resource
+import re
 import subprocess
 import sys
 import tempfile
@@ -51,13 +52,23 @@ SIZES = {
 }
 
 
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+def _rss_bytes(field: str) -> int:
+    """``VmRSS`` (now) or ``VmHWM`` (peak since start or the last :func:`_reset_peak`), in bytes."""
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{field}:\s+(\d+) kB", f.read()).group(1)) * 1024
 
 
-def _current_rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _reset_peak(device: str) -> int:
+    """Restart peak tracking (Linux ``clear_refs``); return the current RSS."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    return _rss_bytes("VmRSS")
+
+
+def _peak(device: str, since: int) -> int:
+    return torch.cuda.max_memory_allocated() if device == "cuda" else _rss_bytes("VmHWM") - since
 
 
 def _weights_bytes(module: torch.nn.Module) -> int:
@@ -65,27 +76,39 @@ def _weights_bytes(module: torch.nn.Module) -> int:
 
 
 def worker(kind: str, directory: str, device: str, batch: int, seq: int, reps: int) -> dict:
-    """Load one way, run forwards, return measurements (runs in its own process)."""
+    """Load one way, run forwards, return measurements (runs in its own process).
+
+    ``hooked`` loads the HF model first, exactly as ``hf`` does, then hands it to
+    HookedTransformer (``hf_model=``), so the conversion's peak is measured on its own.
+    """
     warnings.filterwarnings("ignore")
     from transformers import AutoModelForCausalLM
 
     import qscope_plugins  # noqa: F401  (registers the HookedTransformer integration)
     from transformer_lens import HookedTransformer
 
-    baseline = _current_rss_bytes()  # not the import-time high-water mark
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    baseline = _reset_peak(device)
     start = time.perf_counter()
+    hf_model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    # transformers may leave weights as lazily read file mappings; read every one so they are
+    # resident and counted here, not later in whichever phase happens to touch them first
+    with torch.no_grad():
+        sum(float(t.sum()) for t in hf_model.state_dict().values())
+    load_peak = _peak("cpu", baseline)
     if kind == "hf":
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).to(device).eval()
+        model = hf_model.to(device).eval()
         layer_bytes = _weights_bytes(model.model.layers[0])
+        beyond = (_peak(device, baseline) - _weights_bytes(model)) / layer_bytes
     else:
-        model = HookedTransformer.from_pretrained_no_processing(directory, device=device)
+        before = _reset_peak(device)
+        model = HookedTransformer.from_pretrained_no_processing(directory, hf_model=hf_model, device=device)
         layer_bytes = _weights_bytes(model.blocks[0])
+        conversion_peak = _peak(device, before)
+        load_peak = max(load_peak, conversion_peak + before - baseline)
+        beyond = (conversion_peak - _weights_bytes(model)) / layer_bytes
+        del hf_model
     load_s = time.perf_counter() - start
-    load_peak = _peak_rss_bytes() - baseline
 
-    gpu_load_peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
     ids = torch.randint(0, 32000, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
     times = []
     with torch.no_grad():
@@ -102,12 +125,10 @@ def worker(kind: str, directory: str, device: str, batch: int, seq: int, reps: i
     return {
         "kind": kind,
         "load_s": load_s,
-        "load_peak_rss": load_peak,
-        "run_peak_rss": _peak_rss_bytes() - baseline,  # load and forwards (activations included)
-        "gpu_load_peak": gpu_load_peak,
-        "gpu_run_peak": torch.cuda.max_memory_allocated() if device == "cuda" else None,
+        "load_peak": load_peak,
+        "run_peak": _peak(device, baseline),  # with the forwards' activations (CPU: since start)
+        "beyond_layers": beyond,
         "weights_bytes": _weights_bytes(model),
-        "layer_bytes": layer_bytes,
         "tokens_per_s": batch * seq / times[len(times) // 2],
     }
 
@@ -160,17 +181,10 @@ def main() -> int:
                 failed = True
                 print(f"{arch:24} {row['kind']:7} error: {row['error']}")
                 continue
-            gpu = args.device == "cuda"
-            load_peak, run_peak = (row["gpu_load_peak"], row["gpu_run_peak"]) if gpu else (row["load_peak_rss"], row["run_peak_rss"])
-            # Weights that must be resident: the model's own; for HookedTransformer on the CPU
-            # also the HF model it converts from (on a GPU the HF model stays on the CPU).
-            held = row["weights_bytes"]
-            ratio = ""
-            if row is hooked and "error" not in hf:
-                held += 0 if gpu else hf["weights_bytes"]
-                ratio = f"{row['tokens_per_s'] / hf['tokens_per_s']:.2f}"
-            print(f"{arch:24} {row['kind']:7} {_mib(load_peak)} {_mib(run_peak)} {_mib(row['weights_bytes'])} "
-                  f"{row['load_s']:7.1f} {row['tokens_per_s']:7.0f} {ratio:>6} {(load_peak - held) / row['layer_bytes']:15.2f}")
+            ratio = f"{row['tokens_per_s'] / hf['tokens_per_s']:.2f}" if row is hooked and "error" not in hf else ""
+            print(f"{arch:24} {row['kind']:7} {_mib(row['load_peak'])} {_mib(row['run_peak'])} "
+                  f"{_mib(row['weights_bytes'])} {row['load_s']:7.1f} {row['tokens_per_s']:7.0f} {ratio:>6} "
+                  f"{row['beyond_layers']:15.2f}")
     return 1 if failed else 0
 
 

@@ -28,6 +28,7 @@ import statistics
 import time
 
 import torch
+from _common import random_qwen3
 
 
 def main() -> None:
@@ -46,27 +47,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    import transformers
-
     from qscope_plugins import QwenScopeSAE
     from qscope_plugins.recipes.discovery import contrast
     from qscope_plugins.recipes.steering import additive, clamp
     from qscope_plugins.testing.sae_files import random_sae_state
-    from qscope_plugins.testing.tiny_models import perturb_, tiny_config, tiny_tokenizer
 
     device = torch.device(args.device)
-    config = tiny_config(
-        "Qwen3ForCausalLM",
-        hidden_size=args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=max(1, args.hidden // 64),
-        num_key_value_heads=max(1, args.hidden // 256),
-        head_dim=64,
-        intermediate_size=3 * args.hidden,
-        max_position_embeddings=max(512, args.prompt_length + args.new_tokens),
-    )
-    model = perturb_(transformers.AutoModelForCausalLM.from_config(config)).eval().to(device)
-    tokenizer = tiny_tokenizer()
+    model, tokenizer = random_qwen3(args.hidden, args.layers, device, args.prompt_length + args.new_tokens)
     backend = make_backend(args.backend, model, tokenizer)
     layer = args.layers // 2
     state = random_sae_state(args.hidden, 16 * args.hidden, seed=0)
@@ -133,7 +120,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "backend": args.backend,
         "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        "transformers": __import__("transformers").__version__,
         "python": platform.python_version(),
         "model": {"hidden": args.hidden, "layers": args.layers, "d_sae": 16 * args.hidden, "k": 50},
         "prompt_length": args.prompt_length,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from qscope_plugins.backends.hf import HFBackend
 from qscope_plugins.cli import main

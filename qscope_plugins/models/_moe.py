@@ -12,7 +12,6 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from transformer_lens.components import TransformerBlock
 from transformer_lens.components.mlps.moe import MoE
 from transformer_lens.config.hooked_transformer_config import HookedTransformerConfig
@@ -74,7 +73,6 @@ def mixed_block(cfg: HookedTransformerConfig, block_index: int, moe: type[MoE] |
     block = TransformerBlock(dense_cfg, block_index)
     if moe is not None:
         block.mlp = moe(cfg)
-    module: nn.Module
     for module in block.modules():
         if getattr(module, "cfg", None) is dense_cfg:
             module.cfg = cfg

@@ -122,7 +122,7 @@ def topk_encode(
     flat = x.reshape(-1, d_model).to(dtype)
     bias = b_enc.to(dtype)
     plan = _encode_plan(backend, x.device, d_sae, k, _needs_grad(x, W_enc_rows, b_enc))
-    budget = chunk_bytes or torch_ops.CHUNK_BYTES
+    budget = chunk_bytes or torch_ops.default_chunk_bytes(x.device)
     if plan is None or flat.shape[0] == 0:
         values, indices = torch_ops.topk_encode(flat, W_enc_rows, bias, k, budget)
     else:
@@ -185,7 +185,7 @@ def decode(
     flat_i = indices.reshape(-1, indices.shape[-1])
     chosen = decode_method(W_dec_rows.device, dtype) if method == "auto" else method
     bias = b_dec.to(dtype)
-    budget = chunk_bytes or torch_ops.CHUNK_BYTES
+    budget = chunk_bytes or torch_ops.default_chunk_bytes(W_dec_rows.device)
     if chosen == "fused":
         _require_triton("method='fused'", W_dec_rows.device, _needs_grad(values, W_dec_rows, b_dec))
         from .triton_decode import decode_fused

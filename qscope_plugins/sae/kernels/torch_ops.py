@@ -15,6 +15,12 @@ import torch.nn.functional as F
 
 #: Default bound on one chunk's intermediate (pre-activations, dense codes, gathered rows).
 CHUNK_BYTES = 256 << 20
+#: On CPU a GEMM of a few hundred rows already runs at full speed, so chunks can be smaller.
+CPU_CHUNK_BYTES = 32 << 20
+
+
+def default_chunk_bytes(device: torch.device) -> int:
+    return CPU_CHUNK_BYTES if device.type == "cpu" else CHUNK_BYTES
 
 
 def chunk_rows(bytes_per_row: int, chunk_bytes: int) -> int:
