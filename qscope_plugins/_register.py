@@ -29,7 +29,7 @@ def register() -> dict[str, list[str]]:
             continue
         try:
             module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:  # the framework is there but one of its own dependencies is not
+        except ImportError as err:  # framework missing a dependency, or at a version without what we need
             if (err.name or "").split(".")[0] == __package__:
                 raise
             done[name] = []

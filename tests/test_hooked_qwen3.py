@@ -228,3 +228,17 @@ def test_sae_warning_when_processing_changed_the_residual_stream():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         model.add_sae(tiny_topk_sae(16, "blocks.0.hook_resid_post"))  # trained on the default, centred model
+
+
+@pytest.mark.parametrize("variant", ["qwen3_moe", "qwen3_moe_dense"])
+def test_bfloat16_moe(hf, variant):
+    """Router and experts follow the model's dtype (TransformerLens builds experts in the default dtype)."""
+    model = HookedTransformer.from_pretrained_no_processing(hf[variant][1], device="cpu", dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    ids = torch.tensor([[5, 17, 99, 3, 42, 7]])
+    with torch.no_grad():
+        logits = model(ids)
+        ref = hf[variant][0].to(torch.bfloat16)(ids).logits
+        hf[variant][0].float()
+    assert logits.dtype == torch.bfloat16
+    assert float((logits.float() - ref.float()).abs().mean()) < 0.05

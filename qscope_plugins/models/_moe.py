@@ -38,6 +38,8 @@ class RoutedMoE(MoE):
         with torch.device("meta"):
             super().__init__(cfg)
         self.to_empty(device=torch.get_default_device())
+        # TransformerLens creates the experts' nn.Linear layers in the default dtype, not cfg.dtype.
+        self.to(cfg.dtype)
         self.hook_router_logits = HookPoint()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -32,8 +32,6 @@ class SharedExpertMoE(RoutedMoE):
         self.hook_routed_out = HookPoint()
         self.hook_shared_gate = HookPoint()
         self.hook_shared_out = HookPoint()
-        # TransformerLens's experts are nn.Linear layers created in the default dtype.
-        self.to(self.cfg.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         routed = self.hook_routed_out(super().forward(x))
