@@ -37,10 +37,10 @@ class SAEConfig:
 class _TopKSAE(torch.nn.Module):
     """Training-time parameterisation: ``pre = W_enc (x - b_dec) + b_enc`` on scaled inputs."""
 
-    def __init__(self, d_model: int, d_sae: int, b_dec: Tensor) -> None:
+    def __init__(self, W_dec: Tensor, b_dec: Tensor) -> None:
         super().__init__()
-        W_dec = torch.randn(d_model, d_sae)
-        W_dec /= W_dec.norm(dim=0, keepdim=True)
+        d_sae = W_dec.shape[1]
+        W_dec = W_dec / W_dec.norm(dim=0, keepdim=True)
         self.W_dec = torch.nn.Parameter(W_dec)
         self.W_enc = torch.nn.Parameter(W_dec.T.clone())
         self.b_enc = torch.nn.Parameter(torch.zeros(d_sae))
@@ -72,7 +72,11 @@ def train_sae(acts: Tensor, cfg: SAEConfig) -> dict[str, Tensor]:
     d_sae = cfg.expansion * d_model
     mean = acts.mean(0)
     scale = float((acts - mean).pow(2).sum(1).mean().sqrt()) / d_model**0.5  # unit variance per coordinate
-    sae = _TopKSAE(d_model, d_sae, mean / scale)
+    # Each latent starts at a random training point (centred), so every latent is the best match of
+    # some inputs from the first step; random directions leave most latents outside every top-k
+    # of this clustered, token-dominated data, and they die before the AuxK term can revive them.
+    init = acts[torch.randperm(acts.shape[0], generator=generator)[:d_sae]] - mean
+    sae = _TopKSAE(init.T.contiguous(), mean / scale)
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
     steps_since_fired = torch.zeros(d_sae)
     n = acts.shape[0]
