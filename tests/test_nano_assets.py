@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from qscope_plugins.demo.assets import ASSETS, MANIFEST, MODEL_DIR, SAE_DIR, SAFETENSORS_DIR, corpus_generator, read_manifest
-from qscope_plugins.demo.config import BuildConfig
+from qscope_plugins.demo.config import BuildConfig, EvalSeeds
 from qscope_plugins.demo.lexicon import CJK
 
 CFG = BuildConfig()
+EVAL = EvalSeeds()
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,7 @@ def test_model_loads_in_transformers_and_learned_the_corpus(model_and_tokenizer)
     assert type(model).__name__ == "Qwen3ForCausalLM"
     assert model.config.num_hidden_layers == CFG.model.num_hidden_layers
     assert model.config.hidden_size == CFG.model.hidden_size
-    docs = [d.text for d in corpus_generator().documents(CFG.eval.monolingual, 8)]
+    docs = [d.text for d in corpus_generator().documents(EVAL.monolingual, 8)]
     ids = tok(docs)["input_ids"]
     assert [tok.decode(row) for row in ids] == docs
     gen = torch.Generator().manual_seed(0)
@@ -97,7 +98,7 @@ def test_saes_reconstruct_held_out_residuals(model_and_tokenizer):
     from qscope_plugins.backends.hf import HFBackend
 
     model, tok = model_and_tokenizer
-    docs = [d.text for d in corpus_generator().documents(CFG.eval.sae_heldout, 24)]
+    docs = [d.text for d in corpus_generator().documents(CFG.sae_heldout_seed, 24)]
     layers = list(range(CFG.model.num_hidden_layers))
     batch = next(HFBackend(model, tok).residuals(docs, layers, batch_size=len(docs)))
     for n in layers:
@@ -114,22 +115,24 @@ def test_saes_reconstruct_held_out_residuals(model_and_tokenizer):
 def test_generator_plants_its_ground_truth():
     gen = corpus_generator()
     lex = gen.lex
-    docs = gen.documents(CFG.eval.contrast, 400)
-    assert docs == gen.documents(CFG.eval.contrast, 400)  # regenerated, never shipped
+    docs = gen.documents(EVAL.contrast, 400)
+    assert docs == gen.documents(EVAL.contrast, 400)  # regenerated, never shipped
     for doc in docs:
         assert (doc.toxic_words > 0) == doc.toxic
         if doc.lang == "B":
-            assert doc.switches == 0 and not any(cue in doc.text for cue in lex.a.cues)
-        elif doc.switches == 0:
-            assert not CJK.search(doc.text)
+            assert not doc.switched and not set(doc.text.split()) & set(lex.a.cues)
         else:
-            assert CJK.search(doc.text)
+            assert bool(CJK.search(doc.text)) == doc.switched
+            if doc.switched:  # the switch comes right after a cue and its comma
+                assert doc.text[: CJK.search(doc.text).start()].split()[-3:-1][0] in lex.a.cues
+        if not doc.toxic:
+            assert not set(doc.text.split()) & set(lex.a.toxic)
     assert {d.lang for d in docs} == {"A", "B"} and 0 < sum(d.toxic for d in docs) < len(docs) / 4
     # switching follows the cue, at the planted topic-dependent rate
     n_topics = len(lex.a.nouns)
     high = [d for d in docs if d.lang == "A" and d.topic < n_topics // 2]
     low = [d for d in docs if d.lang == "A" and d.topic >= n_topics // 2]
-    assert sum(d.switches for d in high) > 4 * sum(d.switches for d in low)
+    assert sum(d.switched for d in high) > 5 * sum(d.switched for d in low)
     # names, digits and punctuation are shared by both scripts
     b_doc = next(d for d in docs if d.lang == "B")
     assert any(name in b_doc.text for name in lex.names) and any(c.isdigit() for c in b_doc.text)
@@ -137,8 +140,8 @@ def test_generator_plants_its_ground_truth():
 
 def test_switch_prompts_end_in_a_cue_and_toxicity_set_is_balanced():
     gen = corpus_generator()
-    prompts = gen.switch_prompts(CFG.eval.switch_prompts, 60)
+    prompts = gen.switch_prompts(EVAL.switch_prompts, 60)
     assert all(p.endswith(",") and p.split()[-2] in gen.lex.a.cues and not CJK.search(p) for p, _ in prompts)
     assert sorted({t for _, t in prompts}) == list(range(len(gen.lex.a.nouns)))
-    docs = gen.toxicity_set(CFG.eval.toxicity_eval, 50)
+    docs = gen.toxicity_set(EVAL.toxicity_eval, 50)
     assert sum(d.toxic for d in docs) == 50 and all((d.toxic_words > 0) == d.toxic for d in docs)

@@ -80,7 +80,7 @@ def build(cfg: BuildConfig, out: Path) -> dict:
     model = train_lm(rows, cfg.model, len(tokenizer), eos)
     lap("lm")
     train_acts = residual_rows(model, tokenizer, gen, cfg.sae_seed, cfg.sae_train_rows, cfg.model.seq_len)
-    heldout = residual_rows(model, tokenizer, gen, cfg.eval.sae_heldout, cfg.sae_heldout_rows, cfg.model.seq_len)
+    heldout = residual_rows(model, tokenizer, gen, cfg.sae_heldout_seed, cfg.sae_heldout_rows, cfg.model.seq_len)
     lap("activations")
     states, quality = [], []
     for n, acts in enumerate(train_acts):

@@ -1,12 +1,17 @@
 """Synthetic documents with known ground truth: language, topic, code-switches and toxicity.
 
-A document has one main topic and is written in language A or B. In A documents a sentence may
-open with a *cue* word ("zoqu , ..."); the rest of that sentence is then in B with a probability
-that depends on the topic (high for the first half of the topics, low for the rest), so a model
-trained on this text switches under greedy decoding after a cue in some topics and not in others,
-and has to read the topic from context to decide. The first word after the cue is always a shared
-name, so the decision is taken on a token both languages use. Toxic documents put toxic adjectives
-(of the sentence's language) in some adjective slots; no clean document contains one.
+A document has one main topic and is written in language A or B. In an A document a sentence may
+open with a *cue* word and a comma ("zoqu , ..."); in documents about the first half of the topics
+the document then switches to B for good, with high probability, and in the other half it almost
+never does. A model trained on this text therefore switches under greedy decoding after a cue in
+some topics and not in others, and must read the topic from context to decide. Names, digits and
+punctuation are shared by both languages, and the tokens right after a cue (the comma, a name) are
+shared ones, so "the text is now in B" has to be a state of the residual stream on shared tokens
+(a language *feature*), not a property of the current token.
+
+Toxic documents put toxic adjectives (of the sentence's language) in some adjective slots and end
+a sentence holding one with "!" (clean documents use "!" only rarely), so toxicity is also
+visible on a token both languages share. No clean document contains a toxic word.
 """
 
 from __future__ import annotations
@@ -28,12 +33,13 @@ class CorpusConfig:
     min_sentences: int = 3
     max_sentences: int = 8
     p_stray_topic: float = 0.15  # a sentence about another topic than the document's
-    p_long: float = 0.5  # a sentence gets a prepositional phrase
+    p_long: float = 0.5  # a sentence gets a comma and a prepositional phrase
     p_cue: float = 0.2  # an A sentence (not the first) opens with a cue word
-    switch_high: float = 0.85  # P(switch | cue) for the first half of the topics
-    switch_low: float = 0.1  # ... and for the second half
-    p_toxic_doc: float = 0.06
+    switch_high: float = 0.9  # P(switch | cue) in documents about the first half of the topics
+    switch_low: float = 0.05  # ... and about the second half
+    p_toxic_doc: float = 0.08
     p_toxic_adj: float = 0.5  # in a toxic document, an adjective slot holds a toxic word
+    p_exclaim: float = 0.03  # a sentence without a toxic word ends with "!"
 
     def switch_prob(self, topic: int, n_topics: int) -> float:
         return self.switch_high if topic < n_topics // 2 else self.switch_low
@@ -44,10 +50,10 @@ class Document:
     """One document and its ground truth."""
 
     text: str
-    lang: str  # "A" or "B": the language the document is written in
+    lang: str  # "A" or "B": the language the document starts in
     topic: int
     toxic: bool
-    switches: int  # sentences of an A document written in B after a cue
+    switched: bool  # an A document that switched to B after a cue
     toxic_words: int
 
 
@@ -76,15 +82,17 @@ class CorpusGenerator:
                 return _pick(rng, L.toxic)
             return _pick(rng, L.adjs[topic])
 
-        name, number = _pick(rng, self.lex.names), str(int(rng.integers(1, 100)))
-        verb, first = _pick(rng, L.verbs[topic]), adj() + " " * (lang == "A") + _pick(rng, L.nouns[topic])
+        sep = " " if lang == "A" else ""
+        name, number, verb = _pick(rng, self.lex.names), str(int(rng.integers(1, 100))), _pick(rng, L.verbs[topic])
+        first = adj() + sep + _pick(rng, L.nouns[topic])
         extra = ""
         if rng.random() < self.cfg.p_long:
-            other = adj() + " " * (lang == "A") + _pick(rng, L.nouns[topic])
-            extra = f" {_pick(rng, L.preps)} {other}" if lang == "A" else other + _pick(rng, L.preps)
+            other = adj() + sep + _pick(rng, L.nouns[topic])
+            extra = f" , {_pick(rng, L.preps)} {other}" if lang == "A" else f" , {other}{_pick(rng, L.preps)}"
+        end = "!" if n_toxic or rng.random() < self.cfg.p_exclaim else "."
         if lang == "A":
-            return f"{name} {verb} {number} {first}{extra} .", n_toxic
-        return f"{name} {_pick(rng, L.particles)} {number} {_pick(rng, L.counters)}{first}{extra}{verb} .", n_toxic
+            return f"{name} {verb} {number} {first}{extra} {end}", n_toxic
+        return f"{name} {_pick(rng, L.particles)} {number} {_pick(rng, L.counters)}{first}{extra}{verb} {end}", n_toxic
 
     def _sentence_topic(self, rng: np.random.Generator, topic: int) -> int:
         return int(rng.integers(self.n_topics)) if rng.random() < self.cfg.p_stray_topic else topic
@@ -99,18 +107,18 @@ class CorpusGenerator:
         toxic = bool(rng.random() < cfg.p_toxic_doc) if toxic is None else toxic
         n = int(rng.integers(cfg.min_sentences, cfg.max_sentences + 1))
         while True:  # a toxic document must contain at least one toxic word
-            parts, switches, n_toxic = [], 0, 0
+            parts, current, n_toxic = [], lang, 0
             for i in range(n):
-                t, prefix, written = self._sentence_topic(rng, topic), "", lang
-                if lang == "A" and cues and i > 0 and rng.random() < cfg.p_cue:
-                    switched = rng.random() < cfg.switch_prob(t, self.n_topics)
-                    switches += switched
-                    prefix, written = f"{_pick(rng, self.lex.a.cues)} , ", "B" if switched else "A"
-                text, toxic_words = self.sentence(rng, written, t, toxic)
+                prefix = ""
+                if current == "A" and cues and i > 0 and rng.random() < cfg.p_cue:
+                    prefix = f"{_pick(rng, self.lex.a.cues)} , "
+                    if rng.random() < cfg.switch_prob(topic, self.n_topics):
+                        current = "B"
+                text, toxic_words = self.sentence(rng, current, self._sentence_topic(rng, topic), toxic)
                 parts.append(prefix + text)
                 n_toxic += toxic_words
             if n_toxic or not toxic:
-                return Document(" ".join(parts), lang, topic, toxic, switches, n_toxic)
+                return Document(" ".join(parts), lang, topic, toxic, current != lang, n_toxic)
 
     def documents(self, seed: int, n: int, **kwargs) -> list[Document]:
         rng = np.random.default_rng(seed)
@@ -124,18 +132,19 @@ class CorpusGenerator:
 
     # -- evaluation sets ---------------------------------------------------------------------
     def switch_prompts(self, seed: int, n: int) -> list[tuple[str, int]]:
-        """``(prompt, topic)``: monolingual clean A text ending in a cue, balanced over topics.
+        """``(prompt, topic)``: monolingual clean A text ending in a cue and its comma.
 
-        The model's continuation decides whether it switches into B; the ground-truth switch
-        probability is :meth:`CorpusConfig.switch_prob` of the topic.
+        Topics are balanced; the ground-truth switch probability after the cue is
+        :meth:`CorpusConfig.switch_prob` of the topic, and the model's continuation shows whether
+        it switches into B.
         """
         rng = np.random.default_rng(seed)
         out = []
         for i in range(n):
             topic = i % self.n_topics
-            prefix = self.document(rng, lang="A", topic=topic, toxic=False, cues=False).text
-            sentences = prefix.split(" . ")[: int(rng.integers(1, 4))]
-            out.append((" . ".join(sentences).rstrip(" .") + f" . {_pick(rng, self.lex.a.cues)} ,", topic))
+            sentences = [self.sentence(rng, "A", self._sentence_topic(rng, topic), False)[0]
+                         for _ in range(int(rng.integers(1, 4)))]
+            out.append((" ".join(sentences) + f" {_pick(rng, self.lex.a.cues)} ,", topic))
         return out
 
     def toxicity_set(self, seed: int, n_per_class: int) -> list[Document]:

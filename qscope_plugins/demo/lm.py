@@ -31,8 +31,8 @@ class ModelConfig:
     head_dim: int = 32
     max_position_embeddings: int = 256
     seq_len: int = 128
-    batch_size: int = 32
-    steps: int = 1000
+    batch_size: int = 16
+    steps: int = 1200
     lr: float = 3e-3
     warmup: int = 50
     weight_decay: float = 0.05

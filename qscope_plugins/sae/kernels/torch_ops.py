@@ -16,7 +16,7 @@ import torch.nn.functional as F
 #: Default bound on one chunk's intermediate (pre-activations, dense codes, gathered rows).
 CHUNK_BYTES = 256 << 20
 #: On CPU a GEMM of a few hundred rows already runs at full speed, so chunks can be smaller.
-CPU_CHUNK_BYTES = 32 << 20
+CPU_CHUNK_BYTES = 16 << 20
 
 
 def default_chunk_bytes(device: torch.device) -> int:
