@@ -106,8 +106,8 @@ def train_sae(acts: Tensor, cfg: SAEConfig) -> dict[str, Tensor]:
             opt.step()
             sae.normalise_decoder()
             step += 1
-        log.info("sae epoch %d: mse/var %.4f, dead %d", epoch, float(err.pow(2).sum() / x.var(0).sum() / len(x)),
-                 int(dead.sum()))
+        log.info("sae epoch %d: last batch mse/var %.4f, dead %d", epoch,
+                 float(err.detach().pow(2).sum() / x.var(0).sum() / len(x)), int(dead.sum()))
     with torch.no_grad():
         return {
             "W_enc": sae.W_enc.detach().clone(),
