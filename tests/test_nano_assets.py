@@ -13,7 +13,15 @@ from dataclasses import replace
 import pytest
 import torch
 
-from qscope_plugins.demo.assets import ASSETS, MANIFEST, MODEL_DIR, SAE_DIR, SAFETENSORS_DIR, corpus_generator, read_manifest
+from qscope_plugins.demo.assets import (
+    ASSETS,
+    MANIFEST,
+    MODEL_DIR,
+    SAE_DIR,
+    SAFETENSORS_DIR,
+    corpus_generator,
+    read_manifest,
+)
 from qscope_plugins.demo.config import BuildConfig, EvalSeeds
 from qscope_plugins.demo.lexicon import CJK
 
@@ -30,7 +38,8 @@ def manifest() -> dict:
 def model_and_tokenizer():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return AutoModelForCausalLM.from_pretrained(ASSETS / MODEL_DIR).eval(), AutoTokenizer.from_pretrained(ASSETS / MODEL_DIR)
+    model = AutoModelForCausalLM.from_pretrained(ASSETS / MODEL_DIR).eval()
+    return model, AutoTokenizer.from_pretrained(ASSETS / MODEL_DIR)
 
 
 def test_manifest_matches_the_build_configuration(manifest):
@@ -73,7 +82,8 @@ def test_model_loads_in_transformers_and_learned_the_corpus(model_and_tokenizer)
 
     def loss(rows: list[list[int]]) -> float:
         with torch.no_grad():
-            return sum(float(model(input_ids=torch.tensor([r]), labels=torch.tensor([r])).loss) for r in rows) / len(rows)
+            losses = [float(model(input_ids=torch.tensor([r]), labels=torch.tensor([r])).loss) for r in rows]
+        return sum(losses) / len(losses)
 
     shuffled = [[row[i] for i in torch.randperm(len(row), generator=gen)] for row in ids]
     real = loss(ids)
@@ -89,7 +99,8 @@ def test_sae_files_have_the_released_layout(manifest):
         assert isinstance(state, dict) and set(state) == set(shapes)
         for key, shape in shapes.items():
             assert tuple(state[key].shape) == shape and state[key].dtype == torch.float32, (n, key)
-    assert manifest["sae"] == {"k": CFG.sae.k, "d_model": d_model, "d_sae": d_sae, "layers": CFG.model.num_hidden_layers}
+    layers = CFG.model.num_hidden_layers
+    assert manifest["sae"] == {"k": CFG.sae.k, "d_model": d_model, "d_sae": d_sae, "layers": layers}
 
 
 def test_saes_reconstruct_held_out_residuals(model_and_tokenizer):
@@ -107,7 +118,8 @@ def test_saes_reconstruct_held_out_residuals(model_and_tokenizer):
         assert converted.cfg.k == CFG.sae.k
         torch.testing.assert_close(converted.W_dec, released.W_dec, rtol=0, atol=0)
         x = batch.tokens(n)
-        x_hat = released.decode(released.encode(x))
+        with torch.no_grad():
+            x_hat = released.decode(released.encode(x))
         ev = 1 - float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
         assert ev >= 0.9, (n, ev)
 

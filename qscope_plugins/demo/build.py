@@ -58,13 +58,26 @@ def residual_rows(model, tokenizer, gen: CorpusGenerator, seed: int, n_rows: int
     return [torch.cat(chunks[n]) for n in layers]
 
 
+def _convert_relative(root: Path, n_layers: int, k: int) -> None:
+    """Write the safetensors copies with the project's converter, run from ``root`` so that the
+    recorded source path is the relative ``sae/layer{n}.sae.pt``, not this machine's temp dir."""
+    from ..sae.convert import convert
+
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        convert(SAE_DIR, Path(SAFETENSORS_DIR), range(n_layers), k=k)
+    finally:
+        os.chdir(cwd)
+
+
 def build(cfg: BuildConfig, out: Path) -> dict:
     """Run the whole build into ``out`` (replaced atomically); returns the manifest."""
-    from ..sae.convert import convert, sha256_file
+    from ..sae.convert import sha256_file
     from ..sae.format import save_layer_file
     from .tokenizer import train_tokenizer
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     timings: dict[str, float] = {}
 
     def lap(name: str) -> None:
@@ -95,13 +108,14 @@ def build(cfg: BuildConfig, out: Path) -> dict:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would make the shipped directory private
     try:
         model.save_pretrained(tmp / MODEL_DIR)
         tokenizer.save_pretrained(tmp / MODEL_DIR)
         (tmp / SAE_DIR).mkdir()
         for n, state in enumerate(states):
             save_layer_file(tmp / SAE_DIR / f"layer{n}.sae.pt", state)
-        convert(str(tmp / SAE_DIR), tmp / SAFETENSORS_DIR, range(len(states)), k=cfg.sae.k)
+        _convert_relative(tmp, len(states), cfg.sae.k)
         lap("write")
         manifest = {
             "config_hash": cfg.hash(),
@@ -110,6 +124,7 @@ def build(cfg: BuildConfig, out: Path) -> dict:
                     "d_sae": cfg.sae.expansion * cfg.model.hidden_size, "layers": len(states)},
             "quality": quality,
             "build_seconds": timings,
+            "build_cpu_seconds": round(time.process_time() - cpu_start, 1),
             "platform": {"python": platform.python_version(), "torch": torch.__version__,
                          "threads": torch.get_num_threads(), "machine": platform.machine()},
             "files": {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()},
@@ -137,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     manifest = build(BuildConfig(), args.out)
-    print(json.dumps({"config_hash": manifest["config_hash"], "quality": manifest["quality"],
-                      "build_seconds": manifest["build_seconds"]}, indent=1))
+    print(json.dumps({key: manifest[key] for key in ("config_hash", "quality", "build_seconds", "build_cpu_seconds")},
+                     indent=1))
     return 0
 
 

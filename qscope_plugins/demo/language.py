@@ -72,7 +72,8 @@ def mean_nll(backend: Backend, head: Head, texts: Sequence[str], interventions: 
     for rb in backend.residuals(texts, [last], batch_size=batch_size, interventions=interventions):
         logits = head(rb.hidden[last][:, :-1].float())
         mask = rb.mask[:, 1:]
-        total += float(torch.nn.functional.cross_entropy(logits[mask], rb.batch.input_ids[:, 1:][mask], reduction="sum"))
+        targets = rb.batch.input_ids[:, 1:][mask]
+        total += float(torch.nn.functional.cross_entropy(logits[mask], targets, reduction="sum"))
         count += int(mask.sum())
     return total / count
 
@@ -97,22 +98,26 @@ class Suppression:
 
 def choose_suppression(backend: Backend, saes: Mapping[int, object], head: Head, diffs: Mapping[int, Tensor],
                        prompts: Sequence[str], texts: Sequence[str], *, sizes: Sequence[int] = (1, 2, 4, 8),
-                       max_ppl_ratio: float = 1.05, progress: Callable | None = None) -> Suppression:
-    """The (layer, top-n features) clamp with the lowest switch rate on ``prompts`` whose perplexity
-    ratio on ``texts`` stays within ``max_ppl_ratio`` (fewest features on ties)."""
+                       max_ppl_ratio: float = 1.05, tolerance: float = 0.02,
+                       progress: Callable | None = None) -> Suppression:
+    """The (layer, top-n features) clamp to use, chosen on ``prompts`` and ``texts`` only.
+
+    Candidates whose perplexity ratio on ``texts`` exceeds ``max_ppl_ratio`` are dropped; among
+    those whose switch rate on ``prompts`` is within ``tolerance`` of the lowest, the one with the
+    fewest features wins (then the lower rate): the smallest explanation that does the job.
+    """
     base_nll = mean_nll(backend, head, texts)
-    best: Suppression | None = None
+    found: list[Suppression] = []
     grid = [(n, size) for n in sorted(diffs) for size in sizes]
     for n, size in progress(grid) if progress else grid:
         feats = tuple(int(f) for f in torch.argsort(diffs[n], descending=True)[:size])
-        candidate = Suppression(n, feats, 0.0, 1.0)
-        iv = [candidate.intervention(saes)]
+        iv = [clamp(saes[n], list(feats), 0.0, layer=n)]
         ratio = float(torch.exp(torch.tensor(mean_nll(backend, head, texts, iv) - base_nll)))
-        if ratio > max_ppl_ratio:
-            continue
-        rate = sum(switch_rate(backend, prompts, iv)) / len(prompts)
-        if best is None or rate < best.select_rate:
-            best = Suppression(n, feats, rate, ratio)
-    if best is None:
+        if ratio <= max_ppl_ratio:
+            rate = sum(switch_rate(backend, prompts, iv)) / len(prompts)
+            found.append(Suppression(n, feats, rate, ratio))
+    if not found:
         raise ValueError(f"no clamp kept the perplexity ratio within {max_ppl_ratio}")
-    return best
+    best = min(s.select_rate for s in found)
+    return min((s for s in found if s.select_rate <= best + tolerance),
+               key=lambda s: (len(s.features), s.select_rate))

@@ -1,7 +1,7 @@
 """Miniature of the report's benchmark-redundancy analysis on the synthetic suite.
 
 Footprints are the SAE features active at each item's last token at one layer (the report uses a
-single layer; the demo fixes the middle one rather than picking the best). ``R_hat`` from the
+single layer; the demo fixes the last one in advance rather than picking the best). ``R_hat`` from the
 footprints is compared with the performance-based ``R`` from the synthetic model panel's scores by
 Spearman's rho, and the asymmetric footprint overlap shows the planted topic overlap.
 """

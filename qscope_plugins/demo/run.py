@@ -27,6 +27,7 @@ import torch
 from .assets import ASSETS, MODEL_DIR, SAE_DIR, corpus_generator, read_manifest
 from .benchmarks import build_suite
 from .config import BuildConfig, EvalSeeds
+from .lexicon import TOPICS
 from .language import choose_suppression, mean_nll, next_token_contrast, script_tokens, switch_rate
 from .redundancy import redundancy
 from .toxicity import toxicity_classifier
@@ -48,11 +49,17 @@ class DemoSizes:
     toxicity_per_class: int = 500
     agreement_prompts: int = 24
 
+    @classmethod
+    def quick(cls) -> DemoSizes:
+        """A smoke-test size: every step runs, on a fifth of the data (noisier numbers)."""
+        return cls(32, 200, 60, 40, 120, 60, 100, 8)
 
+
+@torch.no_grad()
 def _explained_variance(backend, saes, texts) -> list[float]:
+    """``1 - sum ||x - x_hat||^2 / sum ||x - mean||^2`` per layer over every token of ``texts``."""
     layers = sorted(saes)
-    sums = {n: [0.0, 0.0] for n in layers}
-    xs = {n: [] for n in layers}
+    xs: dict[int, list[torch.Tensor]] = {n: [] for n in layers}
     for rb in backend.residuals(texts, layers, batch_size=32):
         for n in layers:
             xs[n].append(rb.tokens(n).float())
@@ -60,8 +67,7 @@ def _explained_variance(backend, saes, texts) -> list[float]:
     for n in layers:
         x = torch.cat(xs[n])
         x_hat = saes[n].decode(saes[n].encode(x))
-        sums[n] = [float((x - x_hat).pow(2).sum()), float((x - x.mean(0)).pow(2).sum())]
-        out.append(1 - sums[n][0] / sums[n][1])
+        out.append(1 - float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()))
     return out
 
 
@@ -115,7 +121,7 @@ def run_demo(out: Path | None, *, sizes: DemoSizes = DemoSizes(), say: Callable[
                               gen.toxicity_set(EVAL.toxicity_eval, sizes.toxicity_per_class))
 
     say("4/4 benchmark redundancy from feature footprints")
-    layer = len(saes) // 2
+    layer = max(saes)  # fixed in advance: the last layer, whose last token has read the whole item
     red = redundancy(hooked, saes[layer], layer, build_suite(gen.lex, cfg.benchmarks))
 
     topics = np.array([t for _, t in prompts])
@@ -172,6 +178,7 @@ def write_outputs(out: Path, summary: dict) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".{SUMMARY}.tmp"
@@ -182,10 +189,12 @@ def write_outputs(out: Path, summary: dict) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     x = np.arange(len(cs["rate_by_topic_before"]))
     ax.bar(x - 0.2, cs["rate_by_topic_before"], 0.4, label="baseline")
-    ax.bar(x + 0.2, cs["rate_by_topic_after"], 0.4, label=f"clamped (layer {cs['layer']}, features {cs['features']})")
-    ax.set(xlabel="topic", ylabel="code-switch rate", ylim=(0, 1.05),
+    label = f"clamped: layer {cs['layer']}, {len(cs['features'])} feature(s)"
+    ax.bar(x + 0.2, cs["rate_by_topic_after"], 0.4, label=label)
+    ax.set_xticks(x, [f"{name}\n(p={p:g})" for name, p in zip(TOPICS, cs["ground_truth_switch_prob"])], fontsize=7)
+    ax.set(ylabel="code-switch rate", ylim=(0, 1.05),
            title=f"greedy code-switching, perplexity ratio {summary['perplexity_ratio']:.3f}")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center right")
     fig.tight_layout()
     fig.savefig(out / "code_switch.png", dpi=120)
     plt.close(fig)
@@ -212,6 +221,9 @@ def write_outputs(out: Path, summary: dict) -> None:
         ax.annotate(name, (a, b), fontsize=6)
     ax.set(xscale="log", xlabel="R_hat (feature footprints)", ylabel="R (model panel)",
            title=f"benchmark redundancy, Spearman rho {summary['redundancy_spearman']:.3f}")
+    ax.set_xticks([1, 2, 5, 10, 20])
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
     fig.tight_layout()
     fig.savefig(out / "redundancy.png", dpi=120)
     plt.close(fig)

@@ -1,8 +1,9 @@
 """Train Top-k SAEs on residual activations and export them in the released Qwen-Scope layout.
 
 Training follows the report's recipe at toy scale: Top-k with an AuxK term of weight 1/32 on
-features that have not fired for a while (Gao et al. 2024), unit-norm decoder columns, and a
-per-layer input scale so one learning rate suits every layer. The export folds the scale and the
+features that have not fired for a while (Gao et al. 2024), unit-norm decoder columns, latents
+initialised at training points, a short learning-rate warm-up, and a per-layer input scale so one
+learning rate suits every layer. The export folds the scale and the
 decoder-bias pre-subtraction into the weights, so the shipped file computes exactly
 ``z = ReLU(TopK_k(W_enc x + b_enc))`` and ``x_hat = W_dec z + b_dec`` on raw residuals (no
 normalisation, no ``b_dec`` subtraction), as Qwen-Scope's files do.
@@ -37,12 +38,12 @@ class SAEConfig:
 class _TopKSAE(torch.nn.Module):
     """Training-time parameterisation: ``pre = W_enc (x - b_dec) + b_enc`` on scaled inputs."""
 
-    def __init__(self, W_dec: Tensor, b_dec: Tensor) -> None:
+    def __init__(self, W_dec: Tensor, b_dec: Tensor, k: int) -> None:
         super().__init__()
         d_sae = W_dec.shape[1]
         W_dec = W_dec / W_dec.norm(dim=0, keepdim=True)
         self.W_dec = torch.nn.Parameter(W_dec)
-        self.W_enc = torch.nn.Parameter(W_dec.T.clone())
+        self.W_enc = torch.nn.Parameter(W_dec.T / k)
         self.b_enc = torch.nn.Parameter(torch.zeros(d_sae))
         self.b_dec = torch.nn.Parameter(b_dec.clone())
 
@@ -72,11 +73,12 @@ def train_sae(acts: Tensor, cfg: SAEConfig) -> dict[str, Tensor]:
     d_sae = cfg.expansion * d_model
     mean = acts.mean(0)
     scale = float((acts - mean).pow(2).sum(1).mean().sqrt()) / d_model**0.5  # unit variance per coordinate
-    # Each latent starts at a random training point (centred), so every latent is the best match of
-    # some inputs from the first step; random directions leave most latents outside every top-k
-    # of this clustered, token-dominated data, and they die before the AuxK term can revive them.
+    # Each latent starts at a random (centred) training point, so it is the best match of some
+    # inputs from the first step: random directions leave most latents outside every top-k of this
+    # clustered, token-dominated data, where they die. The encoder starts at W_dec^T / k so that the
+    # k winners' reconstruction starts near x, not k times it (that overshoot killed latents too).
     init = acts[torch.randperm(acts.shape[0], generator=generator)[:d_sae]] - mean
-    sae = _TopKSAE(init.T.contiguous(), mean / scale)
+    sae = _TopKSAE(init.T.contiguous(), mean / scale, cfg.k)
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
     steps_since_fired = torch.zeros(d_sae)
     n = acts.shape[0]
@@ -99,8 +101,8 @@ def train_sae(acts: Tensor, cfg: SAEConfig) -> dict[str, Tensor]:
                 z_aux = topk_relu(aux_pre, min(cfg.k_aux, int(dead.sum()))).nan_to_num(0.0)
                 aux = (err.detach() - z_aux @ sae.W_dec.T).pow(2).sum(1).mean()
                 loss = loss + cfg.aux_weight * aux
-            for group in opt.param_groups:  # linear decay over the last fifth
-                group["lr"] = cfg.lr * min(1.0, 5 * (1 - step / total))
+            for group in opt.param_groups:  # linear warm-up over the first tenth, decay over the last fifth
+                group["lr"] = cfg.lr * min(1.0, 10 * (step + 1) / total, 5 * (1 - step / total))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
