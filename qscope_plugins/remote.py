@@ -110,7 +110,8 @@ class EncoderRows:
     """``(F,)``."""
 
 
-def _walk(obj: Any, path: str) -> Any:
+def walk(obj: Any, path: str) -> Any:
+    """``obj.a.b.c`` for ``path="a.b.c"``, or ``None`` where a step is missing."""
     for part in path.split("."):
         obj = getattr(obj, part, None)
         if obj is None:
@@ -134,7 +135,7 @@ def layout(model: Any) -> Layout:
     n_layers, d_model = getattr(text, "num_hidden_layers", None), getattr(text, "hidden_size", None)
     found = []
     for path in LAYER_PATHS:
-        layers = _walk(model, path)
+        layers = walk(model, path)
         module = getattr(layers, "_module", layers)  # an nnsight Envoy wraps the real module
         if isinstance(module, torch.nn.ModuleList):
             if len(module) == n_layers and d_model:
@@ -152,7 +153,7 @@ def layout(model: Any) -> Layout:
 def layer_module(model: Any, layer: int, where: Layout | None = None) -> Any:
     """The module (an nnsight Envoy inside a trace) of decoder layer ``layer``."""
     where = where or layout(model)
-    return _walk(model, where.path)[where.check_layer(layer)]
+    return walk(model, where.path)[where.check_layer(layer)]
 
 
 def _hidden(output: Any) -> Tensor:

@@ -13,43 +13,23 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..remote import walk, layout  # torch-only: no import cost
 from .base import Backend, Batch, Editor, Intervention, Sampling, editors_by_layer, layer_functions
 
 # Where decoder layers live, most common first: Qwen3 / Qwen3.5 text models, the published
 # multimodal Qwen3.5 layout, older wrappers, GPT-2 style models.
-LAYER_PATHS = (
-    "model.layers",
-    "model.language_model.layers",
-    "language_model.model.layers",
-    "model.model.layers",
-    "transformer.h",
-    "gpt_neox.layers",
-    "model.decoder.layers",
-)
-
-
 def _text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def find_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder-layer list of ``model``, probing :data:`LAYER_PATHS`.
+    """The decoder-layer list of ``model``, resolved by :func:`qscope_plugins.remote.layout`.
 
-    A candidate must be a ``ModuleList`` with ``num_hidden_layers`` entries, so a vision tower's
-    block list (or any other list) is never mistaken for the text layers.
+    One resolver serves every framework (HF hooks, nnsight traces local or remote), so a layout
+    is supported, and checked against ``num_hidden_layers`` / ``hidden_size``, in one place.
     """
-    expected = getattr(_text_config(model.config), "num_hidden_layers", None)
-    for path in LAYER_PATHS:
-        obj: object = model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if isinstance(obj, nn.ModuleList) and (expected is None or len(obj) == expected):
-            return obj
-    raise ValueError(
-        f"cannot find the decoder layers of {type(model).__name__}: tried {', '.join(LAYER_PATHS)}"
-    )
+    where = layout(model)
+    return walk(model, where.path)
 
 
 def _edit_output(edit: Callable[[Tensor], Tensor]):
