@@ -244,7 +244,7 @@ def test_coverage_command_matches_the_library(tmp_path, model, backend, saes, ca
     assert out["coverage"] == pytest.approx(expected.coverage)
     assert [r["support"] for r in out["rows"]] == support.counts.tolist()
     assert main(["coverage", str(tmp_path / "seed.jsonl"), *common]) == 0
-    assert capsys.readouterr().out.startswith(f"3 examples cover ")
+    assert capsys.readouterr().out.startswith("3 examples cover ")
     unscored = write_cli_inputs(tmp_path / "u", model, features)
     assert main(["coverage", str(tmp_path / "seed.jsonl"), *unscored]) == 2
     assert "feature (1, 9) has no score: add 'score' to" in capsys.readouterr().err

@@ -54,7 +54,7 @@ def brute_force(backend, sae, layer, texts, keep):
     acts = []
     for ids in backend.encode(texts):
         captured = {}
-        handle = backend.layers[layer].register_forward_hook(lambda m, a, o: captured.setdefault("h", o))
+        handle = backend.layers[layer].register_forward_hook(lambda m, a, o, c=captured: c.setdefault("h", o))
         try:
             with torch.no_grad():
                 backend.model(torch.tensor([ids]))

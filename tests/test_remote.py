@@ -82,7 +82,7 @@ def test_register_ships_remote_module_and_is_idempotent():
     qscope_plugins.register()
     assert integration.register() == []
     assert remote.__name__ in cloudpickle.list_registry_pickle_by_value()
-    assert getattr(RequestModel.serialize.__func__, "_qscope_request_check") is True
+    assert RequestModel.serialize.__func__._qscope_request_check is True
 
 
 # ---------------------------------------------------------------- request size at d_model 5120
