@@ -9,11 +9,12 @@ Public API (what other test modules import):
   from ``seed``. ``max_position_embeddings`` is ``MAX_POSITIONS`` (512, not 2048).
 - ``tiny_tokenizer()``: a byte-level BPE tokenizer built locally (no download) that
   round-trips any text; its ids fit every tiny config's vocabulary.
-- ``save_checkpoint(model, directory, multimodal=False, tokenizer=None)``: a local
-  checkpoint directory loadable with ``from_pretrained``. With ``multimodal=True`` a
+- ``save_checkpoint(model, directory, multimodal=False, tokenizer=None, config_json=None)``:
+  a local checkpoint directory loadable with ``from_pretrained``. With ``multimodal=True`` a
   Qwen3.5 (MoE) model is written in the published layout: ``architectures`` =
   ``Qwen3_5(Moe)ForConditionalGeneration``, text weights under ``model.language_model.*``,
-  plus a tiny vision tower under ``model.visual.*``.
+  plus a tiny vision tower under ``model.visual.*``. ``config_json`` replaces the written
+  ``config.json`` (how :mod:`.published_configs` keeps a published field set exactly).
 - ``hf_layer_outputs(model, ids)``: HF logits and the output of every decoder layer (what
   ``blocks.{n}.hook_resid_post`` must equal), taken with forward hooks.
 - ``hf_generate_steered(model, ids, layer, vector, max_new_tokens, use_cache)``: HF greedy
@@ -30,6 +31,7 @@ clear winners.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -175,6 +177,7 @@ def save_checkpoint(
     directory: str | os.PathLike,
     multimodal: bool = False,
     tokenizer: PreTrainedTokenizerFast | None = None,
+    config_json: dict | None = None,
 ) -> Path:
     """Write ``model`` (safetensors) and a tokenizer to ``directory``; return the path.
 
@@ -187,6 +190,8 @@ def save_checkpoint(
         model = _multimodal_from_text(model)
     model.save_pretrained(directory, safe_serialization=True)
     (tokenizer or tiny_tokenizer()).save_pretrained(directory)
+    if config_json is not None:  # the exact key set, not transformers' re-serialisation of it
+        (directory / "config.json").write_text(json.dumps(config_json, indent=2))
     return directory
 
 
