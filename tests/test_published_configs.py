@@ -151,6 +151,17 @@ def test_config_json_is_the_published_field_set(backbone, checkpoint):
     assert entry["sources"], "every config says where it comes from"
 
 
+def test_weights_are_in_the_published_layout(backbone, checkpoint):
+    from safetensors import safe_open
+
+    with safe_open(f"{checkpoint}/model.safetensors", "pt") as weights:
+        roots = {".".join(key.split(".")[:2]) if key.startswith("model.") else key.split(".")[0] for key in weights.keys()}
+    text = shrunk_config(backbone).get("text_config") or shrunk_config(backbone)
+    expected = {"model.language_model", "model.visual", "mtp"} if backbone.startswith("Qwen3.5") else {
+        "model.embed_tokens", "model.layers", "model.norm"}
+    assert roots == expected | (set() if text["tie_word_embeddings"] else {"lm_head"})
+
+
 def test_catalog_agrees_with_the_published_config(backbone):
     published = record(backbone)["config"]
     text = published.get("text_config", published)

@@ -19,7 +19,8 @@ Public API:
   perturbed, see :func:`.tiny_models.perturb_`, then rounded to bfloat16 values, stored as
   float32) whose ``config.json`` is exactly
   ``shrunk_config(backbone)``, plus the tiny tokenizer. Qwen3.5 backbones are written in the
-  published multimodal layout (text under ``model.language_model``, a tiny vision tower).
+  published multimodal layout (text under ``model.language_model``, a tiny vision tower, and
+  ``mtp.*`` tensors for the multi-token-prediction head that no loader may pick up).
 
 Where each config comes from is recorded in ``published_configs.json`` next to this module.
 """
@@ -123,4 +124,27 @@ def write_checkpoint(backbone: str, directory: str | os.PathLike, seed: int = 0)
     perturb_(model, seed)
     for param in model.parameters():  # bf16 values, as published: a bf16 load loses nothing
         param.copy_(param.to(torch.bfloat16))
-    return save_checkpoint(model.eval(), directory, tokenizer=tiny_tokenizer(), config_json=config_dict)
+    save_checkpoint(model.eval(), directory, tokenizer=tiny_tokenizer(), config_json=config_dict)
+    text = _section(config_dict, "text")
+    if text.get("mtp_num_hidden_layers"):
+        _add_mtp_tensors(directory / "model.safetensors", text["hidden_size"], seed)
+    return directory
+
+
+def _add_mtp_tensors(weights: Path, d_model: int, seed: int) -> None:
+    """Add multi-token-prediction tensors (``mtp.*``) as published Qwen3.5 checkpoints carry them.
+
+    No HF class loads them (they are ignored on load); the loaders under test must skip them
+    too. The names follow the published head (a projection of [embedding; hidden] and its norms).
+    """
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(weights)
+    generator = torch.Generator().manual_seed(seed + 1)
+    extra = {
+        "mtp.fc.weight": torch.randn(d_model, 2 * d_model, generator=generator),
+        "mtp.norm.weight": torch.randn(d_model, generator=generator),
+        "mtp.pre_fc_norm_embedding.weight": torch.randn(d_model, generator=generator),
+        "mtp.pre_fc_norm_hidden.weight": torch.randn(d_model, generator=generator),
+    }
+    save_file({**state, **{k: v.to(torch.bfloat16).float() for k, v in extra.items()}}, weights, metadata={"format": "pt"})

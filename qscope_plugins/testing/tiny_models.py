@@ -108,14 +108,22 @@ def _check_arch(arch: str) -> None:
         raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
 
 
+# Fields the published configs of an architecture do not have (Qwen3.5-MoE: no dense MLP width).
+_ARCH_ABSENT = {"Qwen3_5MoeForCausalLM": ("intermediate_size",)}
+
+
 def tiny_config(arch: str, **overrides) -> PretrainedConfig:
     """The tiny text config of ``arch`` (an HF class name); ``overrides`` replace any field.
 
     Examples: ``tiny_config("Qwen3MoeForCausalLM", mlp_only_layers=[1])`` for a dense layer
-    among MoE layers, ``tiny_config("Qwen3ForCausalLM", tie_word_embeddings=True)``.
+    among MoE layers, ``tiny_config("Qwen3ForCausalLM", tie_word_embeddings=True)``. Fields the
+    published configs of ``arch`` lack are left out too (see :mod:`.published_configs`).
     """
     _check_arch(arch)
     kwargs = {**_COMMON, **_ARCH_KWARGS[arch], **overrides}
+    for name in _ARCH_ABSENT.get(arch, ()):
+        if name not in overrides:
+            kwargs.pop(name, None)
     config = AutoConfig.for_model(_MODEL_TYPES[arch][0], **kwargs)
     config.architectures = [arch]
     return config
