@@ -192,6 +192,27 @@ def test_hooked_transformer(checkpoint, reference):
     assert_resid_and_logits(cached_resid(cache, model.cfg.n_layers), logits, reference)
 
 
+@pytest.mark.parametrize("name", ["Qwen3.5-2B-Base", "Qwen3.5-35B-A3B-Base"])
+def test_float32_weights_stay_float32(name, tmp_path):
+    """A Qwen3.5 checkpoint with float32 weights (not bf16 values) loads unrounded, from its directory,
+    into HookedTransformer and the HF backend although its text_config says ``dtype: bfloat16``."""
+    from transformer_lens import HookedTransformer
+
+    from qscope_plugins.backends.hf import HFBackend
+
+    checkpoint = str(write_checkpoint(name, tmp_path, seed=3, bf16_values=False))
+    declared = json.loads(open(f"{checkpoint}/config.json").read())["architectures"][0]
+    reference = hf_layer_outputs(_quiet(getattr(transformers, declared).from_pretrained, checkpoint,
+                                        dtype=torch.float32).eval(), IDS)
+    model = _quiet(HookedTransformer.from_pretrained_no_processing, checkpoint, device="cpu", dtype=torch.float32)
+    logits, cache = model.run_with_cache(IDS)
+    assert_resid_and_logits(cached_resid(cache, model.cfg.n_layers), logits, reference)
+    backend = _quiet(HFBackend.from_pretrained, checkpoint)
+    assert {p.dtype for p in backend.model.parameters()} == {torch.float32}
+    logits, layers = hf_layer_outputs(backend.model, IDS)
+    assert_resid_and_logits(dict(enumerate(layers)), logits, reference)
+
+
 def test_hooked_sae_transformer_with_qwen_scope_sae(checkpoint, reference, sae_dir):
     from sae_lens import HookedSAETransformer
 

@@ -104,13 +104,14 @@ def _model_class(architecture: str):
 
 
 @torch.no_grad()
-def write_checkpoint(backbone: str, directory: str | os.PathLike, seed: int = 0) -> Path:
+def write_checkpoint(backbone: str, directory: str | os.PathLike, seed: int = 0, bf16_values: bool = True) -> Path:
     """Write a random-weight ``backbone`` checkpoint to ``directory`` and return its path.
 
     The model is built by transformers from the shrunk config as a hub checkpoint would be
     loaded (``from_pretrained`` of this directory rebuilds the same model); ``config.json`` is
     then rewritten with the published field set, because ``save_pretrained`` serialises the
-    config object (rope fields moved, defaults added) instead.
+    config object (rope fields moved, defaults added) instead. ``bf16_values=False`` keeps full
+    float32 weights (to catch a loader that rounds them).
     """
     from transformers import AutoConfig
 
@@ -122,7 +123,7 @@ def write_checkpoint(backbone: str, directory: str | os.PathLike, seed: int = 0)
     torch.manual_seed(seed)
     model = _model_class(config_dict["architectures"][0])._from_config(config, dtype=torch.float32)
     perturb_(model, seed)
-    for param in model.parameters():  # bf16 values, as published: a bf16 load loses nothing
+    for param in model.parameters() if bf16_values else ():  # bf16 values, as published
         param.copy_(param.to(torch.bfloat16))
     save_checkpoint(model.eval(), directory, tokenizer=tiny_tokenizer(), config_json=config_dict)
     text = _section(config_dict, "text")
