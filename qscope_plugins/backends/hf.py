@@ -71,9 +71,11 @@ class HFBackend(Backend):
     @classmethod
     def from_pretrained(cls, model: str, *, device: str = "cpu", dtype: torch.dtype | None = None, **kwargs) -> HFBackend:
         """Load a hub id or local checkpoint with ``AutoModelForCausalLM`` (fp32 unless ``dtype``)."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
-        hf = AutoModelForCausalLM.from_pretrained(model, dtype=dtype or torch.float32, **kwargs).to(device)
+        from ..models._hf import load_causal_lm
+
+        hf = load_causal_lm(model, dtype=dtype or torch.float32, **kwargs).to(device)
         return cls(hf, AutoTokenizer.from_pretrained(model))
 
     @contextlib.contextmanager

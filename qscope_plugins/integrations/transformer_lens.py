@@ -35,10 +35,10 @@ from typing import Any
 import torch
 import transformer_lens.loading_from_pretrained as loading
 from transformer_lens import HookedTransformer
-from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers import PretrainedConfig
 
 from ..models import architecture_of, available_architectures, module_for
-from ..models._hf import find_hf_config, is_local_model
+from ..models._hf import find_hf_config, is_local_model, load_causal_lm
 
 # Processing steps that change the values on the residual stream, and when TransformerLens
 # actually applies them (its ProcessWeights.process_weights rule: only for LayerNorm models).
@@ -122,7 +122,7 @@ def _get_pretrained_state_dict(official_model_name: str, cfg, hf_model=None, dty
     if hf_model is None:
         # AutoModelForCausalLM maps the multimodal Qwen3.5 configs to the text model and drops
         # the vision weights, so no torchvision is needed.
-        hf_model = AutoModelForCausalLM.from_pretrained(source.name, dtype=kwargs.pop("torch_dtype", dtype), **kwargs)
+        hf_model = load_causal_lm(source.name, dtype=kwargs.pop("torch_dtype", dtype), **kwargs)
         hf_model.requires_grad_(False)
     return source.module.convert_state_dict(hf_model, cfg)
 

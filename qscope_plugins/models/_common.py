@@ -48,6 +48,8 @@ def base_config(hf_config, architecture: str, **fields: Any) -> QwenHookedConfig
 
     ``n_ctx`` is the model's own ``max_position_embeddings``. Qwen tokenizers add no BOS, so
     ``default_prepend_bos`` is ``False``: the residual stream matches HF on the same ids.
+    Only fields every published text config has are read here: ``intermediate_size`` (absent
+    from Qwen3.5-MoE configs) is read only when ``fields`` gives no ``d_mlp``.
     """
     d_head = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
     n_kv = hf_config.num_key_value_heads
@@ -56,7 +58,7 @@ def base_config(hf_config, architecture: str, **fields: Any) -> QwenHookedConfig
         d_head=d_head,
         n_heads=hf_config.num_attention_heads,
         n_key_value_heads=n_kv if n_kv != hf_config.num_attention_heads else None,
-        d_mlp=hf_config.intermediate_size,
+        d_mlp=fields["d_mlp"] if "d_mlp" in fields else hf_config.intermediate_size,
         n_layers=hf_config.num_hidden_layers,
         n_ctx=hf_config.max_position_embeddings,
         eps=hf_config.rms_norm_eps,

@@ -9,11 +9,12 @@ Public API (what other test modules import):
   from ``seed``. ``max_position_embeddings`` is ``MAX_POSITIONS`` (512, not 2048).
 - ``tiny_tokenizer()``: a byte-level BPE tokenizer built locally (no download) that
   round-trips any text; its ids fit every tiny config's vocabulary.
-- ``save_checkpoint(model, directory, multimodal=False, tokenizer=None)``: a local
-  checkpoint directory loadable with ``from_pretrained``. With ``multimodal=True`` a
+- ``save_checkpoint(model, directory, multimodal=False, tokenizer=None, config_json=None)``:
+  a local checkpoint directory loadable with ``from_pretrained``. With ``multimodal=True`` a
   Qwen3.5 (MoE) model is written in the published layout: ``architectures`` =
   ``Qwen3_5(Moe)ForConditionalGeneration``, text weights under ``model.language_model.*``,
-  plus a tiny vision tower under ``model.visual.*``.
+  plus a tiny vision tower under ``model.visual.*``. ``config_json`` replaces the written
+  ``config.json`` (how :mod:`.published_configs` keeps a published field set exactly).
 - ``hf_layer_outputs(model, ids)``: HF logits and the output of every decoder layer (what
   ``blocks.{n}.hook_resid_post`` must equal), taken with forward hooks.
 - ``hf_generate_steered(model, ids, layer, vector, max_new_tokens, use_cache)``: HF greedy
@@ -30,6 +31,7 @@ clear winners.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -106,14 +108,22 @@ def _check_arch(arch: str) -> None:
         raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
 
 
+# Fields the published configs of an architecture do not have (Qwen3.5-MoE: no dense MLP width).
+_ARCH_ABSENT = {"Qwen3_5MoeForCausalLM": ("intermediate_size",)}
+
+
 def tiny_config(arch: str, **overrides) -> PretrainedConfig:
     """The tiny text config of ``arch`` (an HF class name); ``overrides`` replace any field.
 
     Examples: ``tiny_config("Qwen3MoeForCausalLM", mlp_only_layers=[1])`` for a dense layer
-    among MoE layers, ``tiny_config("Qwen3ForCausalLM", tie_word_embeddings=True)``.
+    among MoE layers, ``tiny_config("Qwen3ForCausalLM", tie_word_embeddings=True)``. Fields the
+    published configs of ``arch`` lack are left out too (see :mod:`.published_configs`).
     """
     _check_arch(arch)
     kwargs = {**_COMMON, **_ARCH_KWARGS[arch], **overrides}
+    for name in _ARCH_ABSENT.get(arch, ()):
+        if name not in overrides:
+            kwargs.pop(name, None)
     config = AutoConfig.for_model(_MODEL_TYPES[arch][0], **kwargs)
     config.architectures = [arch]
     return config
@@ -175,6 +185,7 @@ def save_checkpoint(
     directory: str | os.PathLike,
     multimodal: bool = False,
     tokenizer: PreTrainedTokenizerFast | None = None,
+    config_json: dict | None = None,
 ) -> Path:
     """Write ``model`` (safetensors) and a tokenizer to ``directory``; return the path.
 
@@ -187,6 +198,8 @@ def save_checkpoint(
         model = _multimodal_from_text(model)
     model.save_pretrained(directory, safe_serialization=True)
     (tokenizer or tiny_tokenizer()).save_pretrained(directory)
+    if config_json is not None:  # the exact key set, not transformers' re-serialisation of it
+        (directory / "config.json").write_text(json.dumps(config_json, indent=2))
     return directory
 
 

@@ -14,16 +14,29 @@ import torch.nn.functional as F
 from torch import nn
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 from transformer_lens.hook_points import HookPoint
+from transformers.models.qwen3_5 import modeling_qwen3_5 as _hf
 from transformers.models.qwen3_5.modeling_qwen3_5 import (
     Qwen3_5RMSNormGated,
-    causal_conv1d_fn,
-    causal_conv1d_update,
     torch_chunk_gated_delta_rule,
     torch_recurrent_gated_delta_rule,
 )
 
 from .recurrent_cache import recurrent_state, store
 
+
+
+def _torch_causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias=None, activation: str | None = None):
+    """The causal depthwise conv of ``x`` ``[batch, channels, pos]``, as HF's conv1d fallback computes it."""
+    out = F.conv1d(x.to(weight.dtype), weight.unsqueeze(1), bias, padding=weight.shape[-1] - 1, groups=x.shape[1])
+    out = out[..., : x.shape[-1]]
+    return (F.silu(out) if activation in ("silu", "swish") else out).to(x.dtype)
+
+
+# transformers >= 5.2x defines both convs as module functions (hub-kernel aware); older releases
+# (5.9 ...) set them to None without the causal_conv1d package and let the layer fall back to its
+# own torch code: mirror that fallback, so the maths stays transformers' on every release.
+causal_conv1d_fn = getattr(_hf, "causal_conv1d_fn", None) or _torch_causal_conv1d
+causal_conv1d_update = getattr(_hf, "causal_conv1d_update", None) or _hf.torch_causal_conv1d_update
 
 class GatedDeltaNet(nn.Module):
     """``W_O(RMSNormGated(delta_rule(q, k, v, g, beta), gate))`` over a causal conv of q, k, v.
@@ -77,6 +90,8 @@ class GatedDeltaNet(nn.Module):
         beta = self.hook_beta((x @ self.W_beta).sigmoid())
         g = self.hook_g(-self.A_log.float().exp() * F.softplus((x @ self.W_decay).float() + self.dt_bias))
 
+        if v.shape[2] > k.shape[2]:  # value heads share key heads, as in HF (older kernels leave it to the caller)
+            q, k = (t.repeat_interleave(v.shape[2] // k.shape[2], dim=2) for t in (q, k))
         initial = state.recurrent if state is not None else None
         rule = torch_recurrent_gated_delta_rule if initial is not None and pos == 1 else torch_chunk_gated_delta_rule
         out, final = rule(
