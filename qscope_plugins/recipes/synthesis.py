@@ -22,10 +22,10 @@ feature targeting and no verification, at a matched budget.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import heapq
 import json
-import os
 import random
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -41,7 +41,9 @@ from .capture import tokenize
 from .coverage import (
     LABELS, Complete, FeatureKey, Render, TargetFeature, default_render, example_maxima,
 )
-from .footprint_store import atomic_write
+from .._io import (
+    DamagedFileError, append_line, atomic_write, clean_leftovers, output_lock, read_json, truncate_to_last_line,
+)
 
 FORMAT = "qscope-synthesis"
 VERSION = 1
@@ -338,8 +340,9 @@ def read_synthetic(path: str | Path) -> list[dict]:
     for i, line in enumerate(lines, 1):
         try:
             records.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{i}: not a JSON record ({err.msg}); the file is corrupt") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise DamagedFileError(path, f"line {i} is not a JSON record: {err}",
+                                   "keep the records before that line, or start another output") from None
     return records
 
 
@@ -357,14 +360,28 @@ class SynthesisStore:
     def __init__(self, path: str | Path, config: dict, *, resume: bool) -> None:
         self.path = Path(path)
         self.state_path = self.path.with_name(self.path.name + ".state.json")
-        config = json.loads(json.dumps(config))
+        self._lock = contextlib.ExitStack()
+        self._lock.enter_context(output_lock(self.path, what="synthesis output"))
+        try:
+            self._open(json.loads(json.dumps(config)), resume)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the output's lock (the run is over)."""
+        self._lock.close()
+
+    def _open(self, config: dict, resume: bool) -> None:
+        clean_leftovers(self.path.parent, prefix=self.state_path.name)
         if self.path.exists() or self.state_path.exists():
             if not resume:
                 raise FileExistsError(f"{self.path} exists; resume it (resume=True, qscope synth --resume) "
                                       "or choose another output")
             if not self.state_path.exists():
                 raise ValueError(f"{self.path} has no {self.state_path.name}: it was not written by this synthesis")
-            self.state = json.loads(self.state_path.read_text(encoding="utf-8"))
+            self.state = read_json(self.state_path, f"delete {self.path} and {self.state_path.name} and run again "
+                                   "without --resume (the records so far cannot be attributed to rounds)")
             if self.state.get("config") != config:
                 old = self.state.get("config") or {}
                 changed = sorted(k for k in {*old, *config} if old.get(k) != config.get(k))
@@ -383,13 +400,7 @@ class SynthesisStore:
         self.total = len(records)
 
     def _cut_partial_line(self) -> None:
-        if not self.path.exists():
-            return
-        data = self.path.read_bytes()
-        end = data.rfind(b"\n") + 1
-        if end < len(data):
-            with open(self.path, "r+b") as handle:
-                handle.truncate(end)
+        truncate_to_last_line(self.path)
 
     def rounds_done(self, key: FeatureKey | None) -> int:
         return int(self.state["rounds"].get(_state_key(key), 0))
@@ -400,15 +411,7 @@ class SynthesisStore:
 
     def append(self, record: dict) -> None:
         """Write one whole line with ``O_APPEND`` and ``fsync`` it before counting it."""
-        data = (json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8")
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        append_line(self.path, (json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8"))
         self.hashes.add(record["id"])
         self.counts[_state_key(None if record["layer"] is None else (record["layer"], record["feature"]))] += 1
         self.total += 1
@@ -550,6 +553,7 @@ def synthesize(
                 result.unfilled.append(key)
     finally:
         loop.bar.close()
+        store.close()
     result.total, result.budget_reached = store.total, store.total >= budget
     return result
 
@@ -619,6 +623,7 @@ def random_synthesis(
             store.finish_round(None, done)
     finally:
         loop.bar.close()
+        store.close()
     result.total, result.budget_reached = store.total, store.total >= budget
     return result
 
