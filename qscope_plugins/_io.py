@@ -116,33 +116,69 @@ def _fsync_file(path: Path) -> None:
     crash_point("fsync")
 
 
-def atomic_write_with(path: str | os.PathLike, writer: Callable[[Path], object]) -> Path:
-    """Let ``writer(tmp)`` write a temporary file next to ``path``, then fsync it and rename it into place."""
-    path = Path(path)
-    tmp = _temp_name(path)
-    try:
-        writer(tmp)
-        crash_point("write")
-        _fsync_file(tmp)
-        os.replace(tmp, path)
-        crash_point("rename")
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+def _install(tmp: Path, path: Path) -> None:
+    crash_point("write")
+    _fsync_file(tmp)
+    os.replace(tmp, path)
+    crash_point("rename")
     fsync_dir(path.parent)
+
+
+def atomic_write_with(path: str | os.PathLike, writer: Callable[[Path], object]) -> Path:
+    """Let ``writer(p)`` write ``p``, a file of the same name as ``path`` in a fresh temporary directory
+    next to it (writers such as ``torch.save`` embed the file name in the bytes), then fsync it, rename it
+    into place and remove the directory."""
+    path = Path(path)
+    folder = make_temp_dir(path.parent, path.name)
+    try:
+        tmp = folder / path.name
+        writer(tmp)
+        _install(tmp, path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     return path
 
 
-def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
+def sweep_dead_temps(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files and directories of ``path`` that processes no longer running left
+    (their names carry the writer's pid); those of live processes are kept."""
+    path = Path(path)
+    prefix = f".{path.name}."
+    removed = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not (entry.name.startswith(prefix) and entry.name.endswith(TMP_SUFFIX)):
+            continue
+        pid = entry.name[len(prefix):].split(".")[0]
+        if not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+        removed.append(Path(entry.path))
+    return removed
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str, *, sweep: bool = True) -> Path:
     """Write ``data`` to ``path`` atomically: readers (and a resumed run) never see a partial file.
 
-    The temporary name is unique per process and call, so two writers never collide on it.
+    The temporary name is unique per process and call, so two writers never collide on it. With
+    ``sweep`` (the default) temporary files of ``path`` left by killed writers are removed first, so a
+    single-file output rewritten after a kill leaves nothing behind; jobs writing many files pass
+    ``sweep=False`` and clean up once, under their lock (:func:`clean_leftovers`).
     """
+    path = Path(path)
+    if sweep:
+        sweep_dead_temps(path)
     if isinstance(data, str):
         data = data.encode("utf-8")
-
-    def write(tmp: Path) -> None:
+    tmp = _temp_name(path)
+    try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             view = memoryview(data)
@@ -150,8 +186,12 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
                 view = view[os.write(fd, view):]
         finally:
             os.close(fd)
-
-    return atomic_write_with(path, write)
+        _install(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    return path
 
 
 def append_line(path: str | os.PathLike, data: bytes) -> None:

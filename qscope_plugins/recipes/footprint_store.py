@@ -193,7 +193,7 @@ class FootprintStore:
         if self.complete and partial.exists():
             remove_tree(partial)
             removed.append(partial)
-        else:
+        elif not self.complete:
             partial.mkdir(parents=True, exist_ok=True)
         return removed
 
@@ -220,7 +220,7 @@ class FootprintStore:
                     f"batch {batch} layer {layer} has shape {matrix.shape}, "
                     f"expected {(span.stop - span.start, self.config.d_sae)}"
                 )
-            atomic_write(self._batch_path(batch, layer), _npz_bytes(self._arrays(matrix)))
+            atomic_write(self._batch_path(batch, layer), _npz_bytes(self._arrays(matrix)), sweep=False)
         self.completed += 1
         self._write_meta({})
 
@@ -248,7 +248,7 @@ class FootprintStore:
                 **{k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k != "indptr"},
             }
             data = _npz_bytes(joined)
-            atomic_write(self.directory / f"layer{layer}.npz", data)
+            atomic_write(self.directory / f"layer{layer}.npz", data, sweep=False)
             hashes[str(layer)] = hashlib.sha256(data).hexdigest()
         self.complete = True
         self._write_meta(hashes)
@@ -264,7 +264,7 @@ class FootprintStore:
             "complete": self.complete,
             "files": dict(files),
         }
-        atomic_write(self.meta_path, json.dumps(meta, indent=1, sort_keys=True) + "\n")
+        atomic_write(self.meta_path, json.dumps(meta, indent=1, sort_keys=True) + "\n", sweep=False)
 
     # ---- reading -------------------------------------------------------------------------------
     @staticmethod

@@ -398,6 +398,16 @@ class SynthesisStore:
         self.counts = Counter(_state_key(None if r.get("layer") is None else (r["layer"], r["feature"]))
                               for r in records)
         self.total = len(records)
+        self.last_round: dict[str, int] = {}
+        for r in records:
+            key = _state_key(None if r.get("layer") is None else (r["layer"], r["feature"]))
+            self.last_round[key] = max(self.last_round.get(key, -1), int(r.get("round") or 0))
+
+    def unfinished(self, key: FeatureKey | None, done: int) -> bool:
+        """True when the file holds records of round ``done`` that the state does not count as finished
+        (a kill came between the round's last append and its ``finish_round``): that round is redone,
+        adding nothing twice, so the state ends as an uninterrupted run's."""
+        return self.last_round.get(_state_key(key), -1) >= done
 
     def _cut_partial_line(self) -> None:
         truncate_to_last_line(self.path)
@@ -413,7 +423,9 @@ class SynthesisStore:
         """Write one whole line with ``O_APPEND`` and ``fsync`` it before counting it."""
         append_line(self.path, (json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8"))
         self.hashes.add(record["id"])
-        self.counts[_state_key(None if record["layer"] is None else (record["layer"], record["feature"]))] += 1
+        key = _state_key(None if record["layer"] is None else (record["layer"], record["feature"]))
+        self.counts[key] += 1
+        self.last_round[key] = max(self.last_round.get(key, -1), int(record.get("round") or 0))
         self.total += 1
 
 
@@ -542,7 +554,8 @@ def synthesize(
                 return np.concatenate(list(blocks))[:, 0]
 
             done = store.rounds_done(key)
-            while store.counts[_state_key(key)] < per_feature and done < max_rounds and store.total < budget:
+            while done < max_rounds and (store.counts[_state_key(key)] < per_feature and store.total < budget
+                                         or store.unfinished(key, done)):
                 this = replace(request, round=done, seed=derive_seed(seed, *key, done))
                 if not loop.run_round(this, verify, min_activation, per_feature):
                     break
@@ -612,7 +625,7 @@ def random_synthesis(
     store, result = loop.store, loop.result
     done = store.rounds_done(None)
     try:
-        while store.total < budget and done < max_rounds:
+        while done < max_rounds and (store.total < budget or store.unfinished(None, done)):
             rng = random.Random(derive_seed(seed, "random", done))
             description, label = rng.choice(topics)
             ctx = (rng.choice(pool),) if pool else ()
