@@ -303,3 +303,20 @@ def test_two_concurrent_footprint_runs_one_writes_the_other_is_refused(world, tm
     assert outcomes == ["done", "locked"]
     extract_footprints(backend, saes, samples, tmp_path / "alone", "bench", batch_size=1, model="tiny")
     assert tree(tmp_path / "store") == tree(tmp_path / "alone")
+
+
+def test_the_environment_variable_arms_the_crash_point_in_a_fresh_process(tmp_path):
+    import subprocess
+    import sys
+
+    script = ("import sys; from qscope_plugins import _io; "
+              "_io.atomic_write(sys.argv[1], b'first'); _io.atomic_write(sys.argv[1], b'second')")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "QSCOPE_CRASH_AT": "6"}
+    target = tmp_path / "file.txt"
+    done = subprocess.run([sys.executable, "-c", script, str(target)], env=env, timeout=300)
+    assert done.returncode == -signal.SIGKILL
+    assert target.read_bytes() == b"first"  # killed after the second write's fsync (4 + 2 steps), before its rename
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.endswith(_io.TMP_SUFFIX)]
+    assert len(leftovers) == 1
+    _io.atomic_write(target, b"third")  # the dead writer's temporary file is swept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
