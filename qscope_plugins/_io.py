@@ -263,17 +263,17 @@ def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
     fsync_dir(final.parent)
 
 
-def clean_leftovers(directory: str | os.PathLike, prefix: str = "", extra: re.Pattern | None = None) -> list[Path]:
-    """Remove temporary files and directories a killed run left in ``directory`` (only names starting
-    with ``.{prefix}`` and ending in ``.qscope-tmp``, plus names matching ``extra``); returns them.
-    Call only while holding the lock of the output that owns ``directory``."""
+def clean_leftovers(directory: str | os.PathLike, prefix: str | None = "", extra: re.Pattern | None = None) -> list[Path]:
+    """Remove temporary files and directories a killed run left in ``directory`` (names starting
+    with ``.{prefix}`` and ending in ``.qscope-tmp``, unless ``prefix`` is None, plus names matching
+    ``extra``); returns them. Call only while holding the lock of the output that owns ``directory``."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
     removed = []
     for entry in sorted(directory.iterdir()):
         name = entry.name
-        ours = name.startswith(f".{prefix}") and name.endswith(TMP_SUFFIX)
+        ours = prefix is not None and name.startswith(f".{prefix}") and name.endswith(TMP_SUFFIX)
         if not ours and not (extra is not None and extra.match(name)):
             continue
         if entry.is_dir() and not entry.is_symlink():

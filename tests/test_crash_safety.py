@@ -196,6 +196,19 @@ def test_damaged_files_say_damaged_name_themselves_and_give_the_recovery(world, 
     assert store.footprints(1).indptr.size == 3
 
 
+def test_a_killed_overwrite_leaves_nothing_behind(world, tmp_path):
+    backend, saes = world
+    extract_footprints(backend, saes, ["a fox"], tmp_path, "bench", model="tiny")
+    alone = tree(tmp_path)
+    aside = tmp_path / ".bench.999999.0badc0de.qscope-tmp"  # remove_tree renamed it, then the run was killed
+    (aside / "partial").mkdir(parents=True)
+    (tmp_path / ".bench2.1.0badc0de.qscope-tmp").mkdir()  # another benchmark's: not ours to remove
+    extract_footprints(backend, saes, ["a fox"], tmp_path, "bench", model="tiny")
+    assert not aside.exists() and (tmp_path / ".bench2.1.0badc0de.qscope-tmp").exists()
+    (tmp_path / ".bench2.1.0badc0de.qscope-tmp").rmdir()
+    assert tree(tmp_path) == alone
+
+
 def test_changed_footprint_settings_are_refused_with_the_keys_named(world, tmp_path):
     backend, saes = world
     extract_footprints(backend, saes, ["a fox", "two foxes"], tmp_path, "bench", model="tiny")

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from .._io import DamagedFileError, atomic_write, clean_leftovers, read_json, remove_tree
+from .._io import TMP_SUFFIX, DamagedFileError, atomic_write, clean_leftovers, read_json, remove_tree
 
 __all__ = ["FootprintConfig", "FootprintStore", "Footprints", "atomic_write", "content_hash", "open_stores"]
 
@@ -189,7 +189,9 @@ class FootprintStore:
         leftover ``partial/``; an incomplete one gets its ``partial/`` back if it went missing.
         """
         partial = self.directory / "partial"
-        removed = clean_leftovers(self.directory) + clean_leftovers(partial)
+        aside = re.compile(rf"^\.{re.escape(self.directory.name)}\.\d+\.[0-9a-f]+{re.escape(TMP_SUFFIX)}$")
+        removed = clean_leftovers(self.directory.parent, prefix=None, extra=aside)  # a killed --overwrite's
+        removed += clean_leftovers(self.directory) + clean_leftovers(partial)
         if self.complete and partial.exists():
             remove_tree(partial)
             removed.append(partial)
