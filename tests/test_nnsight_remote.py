@@ -7,7 +7,11 @@ shipped with the request (``qscope_plugins.remote`` by value, plain tensors) and
 
 from __future__ import annotations
 
+import functools
+import types
+
 import nnsight
+import numpy as np
 import pytest
 import torch
 from mock_ndif import MockNDIF, model_key
@@ -19,6 +23,7 @@ from qscope_plugins import QwenScopeSAE, remote
 from qscope_plugins.backends import Intervention
 from qscope_plugins.backends.hf import HFBackend
 from qscope_plugins.backends.nnsight import NNsightBackend
+from qscope_plugins.integrations import nnsight as integration
 from qscope_plugins.integrations.nnsight import RemoteRequestError
 from qscope_plugins.nnsight_api import encoder_rows, steering
 from qscope_plugins.testing.sae_files import random_sae_state
@@ -145,3 +150,90 @@ def test_nnsight_backend_over_ndif_equals_hf_hooks(model, checkpoint, ndif):
         torch.testing.assert_close(remote_batch.tokens(n), local.tokens(n), rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="runs only additive"):
         over_ndif.generate(prompts, max_new_tokens=2, interventions=[Intervention(1, fn=lambda h: 2 * h)])
+
+
+# ---------------------------------------------------------------- the guard walks what nnsight serializes
+class _Holder:
+    def __init__(self, sae) -> None:
+        self.sae = sae
+
+
+_GLOBAL_FOR_HELPER: object = None
+
+
+def _sae_routes(sae):
+    """Each way a block can reach an SAE without naming it: (route, what the block captures)."""
+    return {
+        "lambda closure": lambda h: sae.encode(h),
+        "bound method": sae.encode,
+        "functools.partial": functools.partial(torch.matmul, other=sae.W_enc),
+        "SimpleNamespace": types.SimpleNamespace(sae=sae),
+        "object attribute": _Holder(sae),
+    }
+
+
+@pytest.mark.parametrize("route", ["lambda closure", "bound method", "functools.partial", "SimpleNamespace",
+                                   "object attribute", "global read by a helper"])
+def test_an_sae_reached_indirectly_is_refused_before_anything_is_sent(model, sae, to_ndif, ndif, route, monkeypatch):
+    if route == "global read by a helper":
+        monkeypatch.setitem(globals(), "_GLOBAL_FOR_HELPER", sae)
+
+        def helper(h):  # nested, so nnsight ships it by source, with the globals it reads
+            return _GLOBAL_FOR_HELPER.encode(h)
+
+        via = helper
+    else:
+        via = _sae_routes(sae)[route]
+    sent = len(ndif.received)
+    with pytest.raises(RemoteRequestError, match=r"captures `via`, which holds (a full SAE \(QwenScopeSAE|a module "
+                                                 r"parameter of shape \(64, 256\))"):
+        with model.trace(PROMPT, backend=to_ndif):
+            h = remote.residual(model, 2)
+            out = (via(h) if callable(via) else via).save()
+    assert len(ndif.received) == sent
+
+
+def _trace_input_of(n_bytes: int) -> torch.Tensor:
+    return torch.empty(1, n_bytes // 8 + 1, dtype=torch.long)  # never touched: costs no memory
+
+
+@pytest.mark.parametrize("route", ["numpy array", "tensor in a namespace", "global read by a helper", "bytes",
+                                   "trace input"])
+def test_requests_over_128_mib_are_refused_before_anything_is_sent(model, to_ndif, ndif, route, monkeypatch):
+    n = integration.MAX_REQUEST_BYTES + 4 * 2**20  # 132 MiB
+    via = None
+    prompt = PROMPT
+    if route == "numpy array":
+        via = np.zeros(n, dtype=np.uint8)
+    elif route == "tensor in a namespace":
+        via = types.SimpleNamespace(w=torch.empty(n // 4 + 1))
+    elif route == "global read by a helper":
+        monkeypatch.setitem(globals(), "_GLOBAL_FOR_HELPER", torch.empty(n // 4 + 1))
+
+        def helper():
+            return _GLOBAL_FOR_HELPER
+
+        via = helper
+    elif route == "bytes":
+        via = bytes(n)
+    else:
+        prompt = {"input_ids": _trace_input_of(n)}
+    sent = len(ndif.received)
+    with pytest.raises(RemoteRequestError, match=r"(captures 13\d\.\d MiB of tensors \(limit 128\.0 MiB|"
+                                                 r"larger than 128\.0 MiB once serialized)"):
+        with model.trace(prompt, backend=to_ndif):
+            h = remote.residual(model, 0).save()
+            keep = via
+    assert len(ndif.received) == sent
+
+
+def test_small_requests_still_travel_and_report_their_size(model, to_ndif, ndif):
+    small = types.SimpleNamespace(w=torch.ones(64))
+    sent = len(ndif.received)
+    with model.trace(PROMPT, backend=to_ndif):
+        h = (remote.residual(model, 0) + small.w).save()
+    assert len(ndif.received) == sent + 1
+    assert len(ndif.received[-1]["blob"]) < 64 * 1024
+    with model.trace(PROMPT):
+        local = (remote.residual(model, 0) + small.w).save()
+    torch.testing.assert_close(h, local, rtol=0, atol=1e-6)

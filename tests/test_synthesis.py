@@ -190,7 +190,7 @@ def test_bad_input_fails_before_anything_is_written(backend, saes, targets, tmp_
         run(backend, saes, targets, path, budget=2, per_feature=3, seed=1, resume=True)
     lines = path.read_text().splitlines()
     path.write_text("\n".join([lines[0], "{not json", *lines[1:]]) + "\n")
-    with pytest.raises(ValueError, match=r"out.jsonl:2: not a JSON record"):
+    with pytest.raises(ValueError, match=r"out.jsonl is damaged \(line 2 is not a JSON record"):
         run(backend, saes, targets, path, budget=2, resume=True)
 
 

@@ -7,6 +7,14 @@ registered with ``nnsight.register`` and its source travels with each request. E
 module is registered and :func:`check_request` refuses a block that would carry a full SAE
 (about 2 GiB per W128K layer, on every request), an object NDIF cannot import, or a steering
 or encoder-row spec that does not fit the model.
+
+The check walks what nnsight really serializes: each name the block reads and the tracer (which
+carries the trace's inputs) are pickled, in a dry run, by nnsight's own pickler into a sink that
+only counts bytes. Every object that pickler reaches (closure cells and globals of functions shipped
+by source, the instance of a bound method, a ``functools.partial``'s arguments, attributes, container
+items) passes through one hook, so an SAE or a module's weights are refused wherever they sit, and
+the request is refused once its serialized size passes :data:`MAX_REQUEST_BYTES`, before any large
+buffer is built. Objects nnsight sends by reference (the model's own modules) are not walked.
 """
 
 from __future__ import annotations
@@ -18,14 +26,17 @@ from typing import Any
 
 import cloudpickle
 import nnsight
+import numpy as np
 import torch
-from nnsight.intervention.serialization import reduce_block
+from nnsight.intervention.serialization import DEFAULT_PROTOCOL, CustomCloudPickler, reduce_block
 from nnsight.schema.request import RequestModel
 
 from .. import remote
 
 #: Captured tensors above this total refuse to travel: the smallest Qwen-Scope encoder is 256 MiB.
 MAX_CAPTURED_BYTES = 128 * 2**20
+#: The serialized request itself (source, captured values, trace inputs) may not exceed this.
+MAX_REQUEST_BYTES = 128 * 2**20
 
 _UNSHIPPABLE = ("sae_lens", "transformer_lens", "qscope_plugins")
 _GUARD_FLAG = "_qscope_request_check"
@@ -134,6 +145,113 @@ class _Checker:
             self.visit(f"{name}.{field.name}", getattr(value, field.name))
 
 
+_ATOMS = (str, int, float, bool, type(None), complex)
+
+
+class _Walk:
+    """State of one dry run: bytes serialized so far, tensor bytes seen, the name being pickled."""
+
+    def __init__(self, checker: _Checker) -> None:
+        self.checker = checker
+        self.name = ""
+        self.written = 0
+        self.storages: set[tuple[int, int]] = set()
+
+    def where(self) -> str:
+        return f"`{self.name}`" if not self.name.startswith("<") else self.name
+
+    def inspect(self, obj: Any) -> None:
+        if isinstance(obj, _ATOMS):
+            return
+        name = self.where()
+        if isinstance(obj, types.MethodType):
+            self.inspect(obj.__self__)
+        if isinstance(obj, torch.nn.Module):
+            size = sum(t.untyped_storage().nbytes() for t in obj.state_dict().values())
+            if hasattr(obj, "W_enc") and hasattr(obj, "W_dec"):
+                raise RemoteRequestError(
+                    f"this remote trace captures {name}, which holds a full SAE ({type(obj).__name__}, "
+                    f"{_size(size)}) inside it (through a closure, a bound method, a partial, an attribute, a "
+                    f"container or a global a function reads); it would travel with every request and "
+                    f"cannot be imported on NDIF. {_WHAT_TO_DO}"
+                )
+            raise RemoteRequestError(
+                f"this remote trace captures {name}, which holds a {type(obj).__name__} module ({_size(size)} of "
+                "weights) that would travel with the request; reach the model's modules through the "
+                "nnsight model inside the trace, and pass other weights as the small tensors needed"
+            )
+        if isinstance(obj, torch.nn.Parameter):
+            raise RemoteRequestError(
+                f"this remote trace captures {name}, which holds a module parameter of shape {tuple(obj.shape)} "
+                "(module or SAE weights); pass the small tensor the trace needs instead "
+                f"(e.g. a slice, .detach().clone()). {_WHAT_TO_DO}"
+            )
+        if isinstance(obj, torch.Tensor):
+            storage = obj.untyped_storage()
+            self._tensor_bytes((storage.data_ptr(), storage.nbytes()), storage.nbytes())
+        elif isinstance(obj, np.ndarray):
+            self._tensor_bytes((id(obj), obj.nbytes), obj.nbytes)
+        elif isinstance(obj, (remote.Steering, remote.EncoderRows)):
+            self.checker.check_spec(self.name, obj)
+        elif _unshippable(obj):
+            what = (
+                f"module {obj.__name__}" if isinstance(obj, types.ModuleType)
+                else f"{getattr(obj, '__qualname__', type(obj).__qualname__)} from {_origin(obj)}"
+            )
+            raise RemoteRequestError(
+                f"this remote trace captures {name}, which reaches {what} that the NDIF server cannot "
+                f"import: inside a remote trace use only qscope_plugins.remote and plain tensors. {_WHAT_TO_DO}"
+            )
+
+    def _tensor_bytes(self, key: tuple[int, int], nbytes: int) -> None:
+        if key in self.storages:
+            return
+        self.storages.add(key)
+        self.checker.bytes += nbytes
+        if self.checker.bytes > MAX_CAPTURED_BYTES:
+            raise RemoteRequestError(
+                f"this remote trace captures {_size(self.checker.bytes)} of tensors (limit "
+                f"{_size(MAX_CAPTURED_BYTES)}; the last one reached through {self.where()}), which would travel "
+                f"with every request; a full SAE weight matrix is this large. {_WHAT_TO_DO}"
+            )
+
+    def write(self, data: Any) -> int:
+        n = memoryview(data).nbytes
+        self.written += n
+        if self.written > MAX_REQUEST_BYTES:
+            raise RemoteRequestError(
+                f"this remote request would be larger than {_size(MAX_REQUEST_BYTES)} once serialized (passed "
+                f"while serializing {self.where()}); send less with each request: keep large inputs and data "
+                f"on the server side or split the work. {_WHAT_TO_DO}"
+            )
+        return n
+
+
+class _DryRunPickler(CustomCloudPickler):
+    """nnsight's pickler, with every object it is about to serialize shown to the walk first."""
+
+    def __init__(self, walk: _Walk) -> None:
+        super().__init__(walk, protocol=DEFAULT_PROTOCOL)
+        self._walk = walk
+
+    def persistent_id(self, obj: Any) -> Any:
+        pid = super().persistent_id(obj)
+        if pid is None:
+            self._walk.inspect(obj)
+        return pid
+
+
+def _dry_run(checker: _Checker, named: dict[str, Any], tracer: Any) -> int:
+    """Serialize like ``RequestModel.serialize`` into a counting sink; raise on the first problem."""
+    walk = _Walk(checker)
+    for name in sorted(named):
+        walk.name = name
+        _DryRunPickler(walk).dump(named[name])
+    walk.name = "<the tracer and the trace's inputs>"
+    _DryRunPickler(walk).dump(tracer)
+    return walk.written
+
+
 def check_request(tracer: Any) -> None:
     """Raise :class:`RemoteRequestError` (or a layout/range error) if ``tracer``'s block must not be sent.
 
@@ -144,14 +262,17 @@ def check_request(tracer: Any) -> None:
         return
     frame = tracer.info.frame
     _, used_globals, used_locals = reduce_block(tracer.node, frame.f_globals, dict(frame.f_locals))
+    named = {**used_globals, **used_locals}
     checker = _Checker(getattr(tracer, "envoy", None))
-    for name, value in {**used_globals, **used_locals}.items():
+    for name, value in named.items():
         checker.visit(name, value)
     if checker.bytes > MAX_CAPTURED_BYTES:
         raise RemoteRequestError(
             f"this remote trace captures {_size(checker.bytes)} of tensors (limit {_size(MAX_CAPTURED_BYTES)}), "
             f"which would travel with every request; a full SAE weight matrix is this large. {_WHAT_TO_DO}"
         )
+    checker.bytes = 0  # the dry run counts every tensor it reaches, the direct ones again
+    _dry_run(checker, named, tracer)
 
 
 def _register_remote_module() -> bool:
@@ -166,7 +287,13 @@ def _checked(serialize: Any) -> Any:
     def checked_serialize(cls: type, tracer: Any, compress: bool = False) -> bytes:
         _register_remote_module()
         check_request(tracer)
-        return serialize(cls, tracer, compress)
+        data = serialize(cls, tracer, compress)
+        if len(data) > MAX_REQUEST_BYTES:
+            raise RemoteRequestError(
+                f"this remote request is {_size(len(data))} once serialized (limit {_size(MAX_REQUEST_BYTES)}); "
+                f"send less with each request. {_WHAT_TO_DO}"
+            )
+        return data
 
     setattr(checked_serialize, _GUARD_FLAG, True)
     return classmethod(checked_serialize)

@@ -9,7 +9,8 @@ Layout, one directory per benchmark::
 Each completed batch is written (temporary file + ``os.replace``) before ``meta.json`` records it, so
 an interrupted run resumes after the last recorded batch. Archives are written with fixed zip
 timestamps and no pickled objects, so a resumed run produces the same bytes as an uninterrupted one
-and loading never executes code (``allow_pickle=False``).
+and loading never executes code (``allow_pickle=False``). The full protocol (order of writes, what
+marks a batch done, how a resume reconciles leftovers, the lock) is in docs/storage.md.
 """
 
 from __future__ import annotations
@@ -17,9 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
-import shutil
 import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, asdict, dataclass, fields
@@ -27,6 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
+
+from .._io import TMP_SUFFIX, DamagedFileError, atomic_write, clean_leftovers, read_json, remove_tree
+
+__all__ = ["FootprintConfig", "FootprintStore", "Footprints", "atomic_write", "content_hash", "open_stores"]
 
 FORMAT = "qscope-footprints"
 VERSION = 1
@@ -38,20 +41,6 @@ _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 def content_hash(text: str) -> str:
     """sha256 of a rendered prompt: ties each stored row to the exact text it came from."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def atomic_write(path: str | Path, data: bytes | str) -> Path:
-    """Write ``data`` to ``path`` via a temporary file and ``os.replace``: readers never see a partial file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    return path
 
 
 def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
@@ -67,9 +56,19 @@ def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
     return buffer.getvalue()
 
 
-def _load_npz(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as archive:
-        return {name: archive[name] for name in archive.files}
+def _recovery(directory: Path) -> str:
+    return (f"recover by rerunning with --overwrite (qscope footprint ... --overwrite, or overwrite=True), "
+            f"which recomputes {directory.name} from scratch")
+
+
+def _load_npz(path: Path, recovery: str) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {name: archive[name] for name in archive.files}
+    except FileNotFoundError:
+        raise DamagedFileError(path, "missing", recovery) from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise DamagedFileError(path, f"not a readable .npz: {err}", recovery) from None
 
 
 @dataclass(frozen=True)
@@ -158,11 +157,14 @@ class FootprintStore:
         self.config = config
         self.directory = Path(root) / config.benchmark
         if overwrite and self.directory.exists():
-            shutil.rmtree(self.directory)
+            remove_tree(self.directory)
         self.meta_path = self.directory / "meta.json"
         if self.meta_path.exists():
             meta = self._read_meta(self.meta_path)
-            stored = FootprintConfig.from_dict(meta["config"])
+            try:
+                stored = FootprintConfig.from_dict(meta["config"])
+            except (KeyError, TypeError, ValueError) as err:
+                raise DamagedFileError(self.meta_path, f"bad configuration: {err}", _recovery(self.directory)) from None
             if stored != config:
                 changed = [f.name for f in fields(config) if getattr(stored, f.name) != getattr(config, f.name)]
                 raise ValueError(
@@ -172,9 +174,30 @@ class FootprintStore:
             self.completed = int(meta["completed_batches"])
             self.complete = bool(meta["complete"])
         else:
-            (self.directory / "partial").mkdir(parents=True, exist_ok=True)
+            partial = self.directory / "partial"
+            if partial.exists():  # stale batches of a killed --overwrite: never mix them in
+                remove_tree(partial)
+            partial.mkdir(parents=True, exist_ok=True)
             self.completed, self.complete = 0, False
             self._write_meta({})
+
+    def reconcile(self) -> list[Path]:
+        """Before resuming: remove what a killed run left. Call while holding the store's lock
+        (:func:`qscope_plugins._io.output_lock` on ``self.directory``); returns what was removed.
+
+        Temporary files (and a ``partial/`` being removed) are dropped; a complete store loses a
+        leftover ``partial/``; an incomplete one gets its ``partial/`` back if it went missing.
+        """
+        partial = self.directory / "partial"
+        aside = re.compile(rf"^\.{re.escape(self.directory.name)}\.\d+\.[0-9a-f]+{re.escape(TMP_SUFFIX)}$")
+        removed = clean_leftovers(self.directory.parent, prefix=None, extra=aside)  # a killed --overwrite's
+        removed += clean_leftovers(self.directory) + clean_leftovers(partial)
+        if self.complete and partial.exists():
+            remove_tree(partial)
+            removed.append(partial)
+        elif not self.complete:
+            partial.mkdir(parents=True, exist_ok=True)
+        return removed
 
     # ---- writing -------------------------------------------------------------------------------
     def pending(self) -> range:
@@ -199,7 +222,7 @@ class FootprintStore:
                     f"batch {batch} layer {layer} has shape {matrix.shape}, "
                     f"expected {(span.stop - span.start, self.config.d_sae)}"
                 )
-            atomic_write(self._batch_path(batch, layer), _npz_bytes(self._arrays(matrix)))
+            atomic_write(self._batch_path(batch, layer), _npz_bytes(self._arrays(matrix)), sweep=False)
         self.completed += 1
         self._write_meta({})
 
@@ -220,18 +243,18 @@ class FootprintStore:
             raise ValueError(f"only {self.completed} of {self.config.n_batches} batches are done")
         hashes = {}
         for layer in self.config.layers:
-            parts = [_load_npz(self._batch_path(b, layer)) for b in range(self.config.n_batches)]
+            parts = [_load_npz(self._batch_path(b, layer), _recovery(self.directory)) for b in range(self.config.n_batches)]
             offsets = np.cumsum([0] + [p["indptr"][-1] for p in parts[:-1]])
             joined = {
                 "indptr": np.concatenate([[0]] + [p["indptr"][1:] + o for p, o in zip(parts, offsets)]).astype(np.int64),
                 **{k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k != "indptr"},
             }
             data = _npz_bytes(joined)
-            atomic_write(self.directory / f"layer{layer}.npz", data)
+            atomic_write(self.directory / f"layer{layer}.npz", data, sweep=False)
             hashes[str(layer)] = hashlib.sha256(data).hexdigest()
         self.complete = True
         self._write_meta(hashes)
-        shutil.rmtree(self.directory / "partial", ignore_errors=True)
+        remove_tree(self.directory / "partial")
         return hashes
 
     def _write_meta(self, files: Mapping[str, str]) -> None:
@@ -243,14 +266,18 @@ class FootprintStore:
             "complete": self.complete,
             "files": dict(files),
         }
-        atomic_write(self.meta_path, json.dumps(meta, indent=1, sort_keys=True) + "\n")
+        atomic_write(self.meta_path, json.dumps(meta, indent=1, sort_keys=True) + "\n", sweep=False)
 
     # ---- reading -------------------------------------------------------------------------------
     @staticmethod
     def _read_meta(path: Path) -> dict:
-        meta = json.loads(path.read_text())
+        recovery = _recovery(path.parent)
+        meta = read_json(path, recovery)
         if meta.get("format") != FORMAT or meta.get("version") != VERSION:
             raise ValueError(f"{path} is not a version-{VERSION} footprint store")
+        for key, kind in (("config", dict), ("completed_batches", int), ("complete", bool), ("files", dict)):
+            if not isinstance(meta.get(key), kind):
+                raise DamagedFileError(path, f"field {key!r} is missing or not a {kind.__name__}", recovery)
         return meta
 
     @classmethod
@@ -271,9 +298,11 @@ class FootprintStore:
             raise ValueError(f"layer {layer} is not stored; stored layers: {list(self.config.layers)}")
         path = self.directory / f"layer{layer}.npz"
         expected = self._read_meta(self.meta_path)["files"].get(str(layer))
+        if not path.exists():
+            raise DamagedFileError(path, "missing", _recovery(self.directory))
         if expected is None or hashlib.sha256(path.read_bytes()).hexdigest() != expected:
-            raise ValueError(f"{path} does not match the hash recorded in meta.json")
-        arrays = _load_npz(path)
+            raise DamagedFileError(path, "it does not match the sha256 recorded in meta.json", _recovery(self.directory))
+        arrays = _load_npz(path, _recovery(self.directory))
         indptr, indices = arrays["indptr"], arrays["indices"]
         if indptr.size != self.config.n_samples + 1 or indptr[-1] != indices.size:
             raise ValueError(f"{path} is inconsistent with {self.config.n_samples} samples")

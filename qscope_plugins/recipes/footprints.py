@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._io import output_lock
 from ..backends import Backend
 from .capture import pooled_batches, sae_widths, tokenize
 from .footprint_store import FootprintConfig, FootprintStore, content_hash
@@ -110,7 +111,16 @@ def extract_footprints(
         skip_first_token=skip_first_token,
         batch_size=batch_size,
     )
-    store = FootprintStore(root, config, overwrite=overwrite)
+    with output_lock(Path(root) / benchmark, what="footprint store"):
+        store = FootprintStore(root, config, overwrite=overwrite)
+        store.reconcile()
+        _fill(store, backend, saes, prompts, position, skip_first_token, batch_size, progress, benchmark)
+        store.finalize()
+    return store
+
+
+def _fill(store, backend, saes, prompts, position, skip_first_token, batch_size, progress, benchmark) -> None:
+    config = store.config
     pending = store.pending()
     if pending:
         rows = tokenize(backend, prompts)[config.batch_slice(pending.start).start :]
@@ -126,8 +136,6 @@ def extract_footprints(
         )
         for batch, pooled in zip(pending, batches):
             store.write_batch(batch, pooled)
-    store.finalize()
-    return store
 
 
 def read_scores(path: str | Path, sample_ids: Sequence[str]) -> tuple[list[str], np.ndarray]:

@@ -176,15 +176,14 @@ def export_qwen_scope(sae, out_dir: str | os.PathLike, layer: int) -> Path:
     from ..sae.convert import convert_layer
     from ..sae.format import save_layer_file
 
+    from .._io import atomic_write_with, clean_leftovers, output_lock
+
     state = released_state(sae)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    target = out / LAYER_FILE.format(layer=layer)
-    tmp = target.with_name(f".{target.name}.tmp")
-    try:
-        save_layer_file(tmp, state)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    convert_layer(str(out), layer, out, k=sae.cfg.k)
+    with output_lock(out, what="SAE export"):
+        out.mkdir(parents=True, exist_ok=True)
+        clean_leftovers(out)
+        target = out / LAYER_FILE.format(layer=layer)
+        atomic_write_with(target, lambda path: save_layer_file(path, state))
+        convert_layer(str(out), layer, out, k=sae.cfg.k)
     return out

@@ -22,10 +22,10 @@ feature targeting and no verification, at a matched budget.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import heapq
 import json
-import os
 import random
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -41,7 +41,9 @@ from .capture import tokenize
 from .coverage import (
     LABELS, Complete, FeatureKey, Render, TargetFeature, default_render, example_maxima,
 )
-from .footprint_store import atomic_write
+from .._io import (
+    DamagedFileError, append_line, atomic_write, clean_leftovers, output_lock, read_json, truncate_to_last_line,
+)
 
 FORMAT = "qscope-synthesis"
 VERSION = 1
@@ -338,8 +340,9 @@ def read_synthetic(path: str | Path) -> list[dict]:
     for i, line in enumerate(lines, 1):
         try:
             records.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{i}: not a JSON record ({err.msg}); the file is corrupt") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise DamagedFileError(path, f"line {i} is not a JSON record: {err}",
+                                   "keep the records before that line, or start another output") from None
     return records
 
 
@@ -357,14 +360,28 @@ class SynthesisStore:
     def __init__(self, path: str | Path, config: dict, *, resume: bool) -> None:
         self.path = Path(path)
         self.state_path = self.path.with_name(self.path.name + ".state.json")
-        config = json.loads(json.dumps(config))
+        self._lock = contextlib.ExitStack()
+        self._lock.enter_context(output_lock(self.path, what="synthesis output"))
+        try:
+            self._open(json.loads(json.dumps(config)), resume)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the output's lock (the run is over)."""
+        self._lock.close()
+
+    def _open(self, config: dict, resume: bool) -> None:
+        clean_leftovers(self.path.parent, prefix=self.state_path.name)
         if self.path.exists() or self.state_path.exists():
             if not resume:
                 raise FileExistsError(f"{self.path} exists; resume it (resume=True, qscope synth --resume) "
                                       "or choose another output")
             if not self.state_path.exists():
                 raise ValueError(f"{self.path} has no {self.state_path.name}: it was not written by this synthesis")
-            self.state = json.loads(self.state_path.read_text(encoding="utf-8"))
+            self.state = read_json(self.state_path, f"delete {self.path} and {self.state_path.name} and run again "
+                                   "without --resume (the records so far cannot be attributed to rounds)")
             if self.state.get("config") != config:
                 old = self.state.get("config") or {}
                 changed = sorted(k for k in {*old, *config} if old.get(k) != config.get(k))
@@ -381,15 +398,19 @@ class SynthesisStore:
         self.counts = Counter(_state_key(None if r.get("layer") is None else (r["layer"], r["feature"]))
                               for r in records)
         self.total = len(records)
+        self.last_round: dict[str, int] = {}
+        for r in records:
+            key = _state_key(None if r.get("layer") is None else (r["layer"], r["feature"]))
+            self.last_round[key] = max(self.last_round.get(key, -1), int(r.get("round") or 0))
+
+    def unfinished(self, key: FeatureKey | None, done: int) -> bool:
+        """True when the file holds records of round ``done`` that the state does not count as finished
+        (a kill came between the round's last append and its ``finish_round``): that round is redone,
+        adding nothing twice, so the state ends as an uninterrupted run's."""
+        return self.last_round.get(_state_key(key), -1) >= done
 
     def _cut_partial_line(self) -> None:
-        if not self.path.exists():
-            return
-        data = self.path.read_bytes()
-        end = data.rfind(b"\n") + 1
-        if end < len(data):
-            with open(self.path, "r+b") as handle:
-                handle.truncate(end)
+        truncate_to_last_line(self.path)
 
     def rounds_done(self, key: FeatureKey | None) -> int:
         return int(self.state["rounds"].get(_state_key(key), 0))
@@ -400,17 +421,11 @@ class SynthesisStore:
 
     def append(self, record: dict) -> None:
         """Write one whole line with ``O_APPEND`` and ``fsync`` it before counting it."""
-        data = (json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8")
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        append_line(self.path, (json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8"))
         self.hashes.add(record["id"])
-        self.counts[_state_key(None if record["layer"] is None else (record["layer"], record["feature"]))] += 1
+        key = _state_key(None if record["layer"] is None else (record["layer"], record["feature"]))
+        self.counts[key] += 1
+        self.last_round[key] = max(self.last_round.get(key, -1), int(record.get("round") or 0))
         self.total += 1
 
 
@@ -539,7 +554,8 @@ def synthesize(
                 return np.concatenate(list(blocks))[:, 0]
 
             done = store.rounds_done(key)
-            while store.counts[_state_key(key)] < per_feature and done < max_rounds and store.total < budget:
+            while done < max_rounds and (store.counts[_state_key(key)] < per_feature and store.total < budget
+                                         or store.unfinished(key, done)):
                 this = replace(request, round=done, seed=derive_seed(seed, *key, done))
                 if not loop.run_round(this, verify, min_activation, per_feature):
                     break
@@ -550,6 +566,7 @@ def synthesize(
                 result.unfilled.append(key)
     finally:
         loop.bar.close()
+        store.close()
     result.total, result.budget_reached = store.total, store.total >= budget
     return result
 
@@ -608,7 +625,7 @@ def random_synthesis(
     store, result = loop.store, loop.result
     done = store.rounds_done(None)
     try:
-        while store.total < budget and done < max_rounds:
+        while done < max_rounds and (store.total < budget or store.unfinished(None, done)):
             rng = random.Random(derive_seed(seed, "random", done))
             description, label = rng.choice(topics)
             ctx = (rng.choice(pool),) if pool else ()
@@ -619,6 +636,7 @@ def random_synthesis(
             store.finish_round(None, done)
     finally:
         loop.bar.close()
+        store.close()
     result.total, result.budget_reached = store.total, store.total >= budget
     return result
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..catalog import LAYER_FILE, SAEGroup, find_group, parse_repo_name
-from ._mmap import materialize
+from ._mmap import cast, check_layout, materialize
 from .features import FeatureSubset, subset_from_rows
 from .format import SAEFormatError, check_finite, check_shapes, read_layer_file
 from .topk import QwenScopeSAE, make_config
@@ -184,6 +185,7 @@ def load_sae(
     if resolved.converted:
         return _load_converted(resolved, k=k, device=device, dtype=target, relu=relu, features=features)
     state = read_layer_file(resolved.path)
+    check_layout(state, resolved.path)
     expect = resolved.group
     d_model, d_sae = check_shapes(
         state, str(resolved.path),
@@ -193,23 +195,48 @@ def load_sae(
     k = _pick_k(resolved, k, d_sae)
     target = target or state["W_enc"].dtype
     if features is not None:
-        ids = torch.as_tensor(features, dtype=torch.long)
+        ids = _feature_ids(features, d_sae, resolved)
         rows_enc = _validated_rows(state["W_enc"], ids, d_sae, resolved, "W_enc")
         rows_dec = _validated_rows(state["W_dec"].T, ids, d_sae, resolved, "W_dec")
-        return subset_from_rows(ids, rows_enc, rows_dec, state["b_enc"][ids], state["b_dec"], _metadata(resolved),
-                                device=device, dtype=target)
+        parts = _cast_all({"W_enc": rows_enc, "W_dec": rows_dec, "b_enc": state["b_enc"][ids], "b_dec": state["b_dec"]},
+                          target, str(resolved.path))
+        return subset_from_rows(ids, parts["W_enc"], parts["W_dec"], parts["b_enc"], parts["b_dec"],
+                                _metadata(resolved), device=device, dtype=target)
     name = str(resolved.path)
     W_enc_rows = materialize(state["W_enc"], device=device, dtype=target, transpose=False, source=name, key="W_enc")
     W_dec_rows = materialize(state["W_dec"], device=device, dtype=target, transpose=True, source=name, key="W_dec")
     biases = {}
     for key in ("b_enc", "b_dec"):
         check_finite(state[key], name, key)
-        biases[key] = state[key].to(device=device, dtype=target, copy=True)
+        biases[key] = cast(state[key], device=device, dtype=target, source=name, key=key)
     cfg = make_config(d_model, d_sae, k, layer=layer, relu=relu, dtype=target, device=device,
                       model_name=expect.model if expect else None,
                       hf_hook_name=expect.hf_hook_name(layer) if expect else f"model.layers.{layer}",
                       metadata=_metadata(resolved))
     return QwenScopeSAE.from_parts(cfg, W_enc_rows, W_dec_rows, biases["b_enc"], biases["b_dec"])
+
+
+def _feature_ids(features, d_sae: int, resolved: ResolvedSource) -> torch.Tensor:
+    """The requested feature ids, range-checked against ``d_sae`` and de-duplicated (first occurrence kept)
+    before any weight is read, so a long list costs at most ``d_sae`` row reads."""
+    ids = torch.as_tensor(features, dtype=torch.long).reshape(-1)
+    bad = ids[(ids < 0) | (ids >= d_sae)]
+    if bad.numel():
+        raise ValueError(f"feature id {int(bad[0])} out of range [0, {d_sae}) for {resolved.describe()}")
+    unique, inverse = torch.unique(ids, return_inverse=True)
+    if unique.numel() == ids.numel():
+        return ids
+    first = torch.full((unique.numel(),), ids.numel(), dtype=torch.long).scatter_reduce(
+        0, inverse, torch.arange(ids.numel()), reduce="amin")
+    kept = ids[first.sort().values]
+    warnings.warn(f"features: {ids.numel() - kept.numel()} repeated ids dropped ({kept.numel()} distinct kept, "
+                  "in first-seen order)", stacklevel=3)
+    return kept
+
+
+def _cast_all(tensors: dict[str, torch.Tensor], dtype: torch.dtype, source: str) -> dict[str, torch.Tensor]:
+    """Each tensor in ``dtype`` (on its device), refused when the cast overflows."""
+    return {key: cast(value, device=value.device, dtype=dtype, source=source, key=key) for key, value in tensors.items()}
 
 
 def _validated_rows(matrix: torch.Tensor, ids: torch.Tensor, d_sae: int, resolved: ResolvedSource, key: str) -> torch.Tensor:
@@ -245,10 +272,7 @@ def _load_converted(resolved, *, k, device, dtype, relu, features):
             if shapes.get(key) != shape:
                 raise SAEFormatError(f"{name}: key {key!r} has shape {shapes.get(key)}, expected {shape}")
         if features is not None:
-            ids = torch.as_tensor(features, dtype=torch.long)
-            bad = ids[(ids < 0) | (ids >= d_sae)]
-            if bad.numel():
-                raise ValueError(f"feature id {int(bad[0])} out of range [0, {d_sae}) for {resolved.describe()}")
+            ids = _feature_ids(features, d_sae, resolved)
             enc, dec = handle.get_slice("W_enc"), handle.get_slice("W_dec")
             rows_enc = torch.stack([enc[:, j] for j in ids.tolist()]) if len(ids) else torch.empty(0, d_model)
             rows_dec = torch.cat([dec[j : j + 1] for j in ids.tolist()]) if len(ids) else torch.empty(0, d_model)
@@ -256,8 +280,10 @@ def _load_converted(resolved, *, k, device, dtype, relu, features):
             dtype = dtype or rows_enc.dtype
             for key, value in (("W_enc", rows_enc), ("W_dec", rows_dec)):
                 check_finite(value, name, key)
-            return subset_from_rows(ids, rows_enc, rows_dec, b_enc, handle.get_tensor("b_dec"), _metadata(resolved),
-                                    device=device, dtype=dtype)
+            parts = _cast_all({"W_enc": rows_enc, "W_dec": rows_dec, "b_enc": b_enc, "b_dec": handle.get_tensor("b_dec")},
+                              dtype, name)
+            return subset_from_rows(ids, parts["W_enc"], parts["W_dec"], parts["b_enc"], parts["b_dec"],
+                                    _metadata(resolved), device=device, dtype=dtype)
         tensors = {key: handle.get_tensor(key) for key in want}
     dtype = dtype or tensors["W_enc"].dtype
     for key, value in tensors.items():
@@ -267,5 +293,5 @@ def _load_converted(resolved, *, k, device, dtype, relu, features):
                       model_name=meta.get("model_name"), hf_hook_name=meta.get("hf_hook_name"),
                       metadata={key: value for key, value in meta.items()
                                 if key not in ("model_name", "hook_name", "hf_hook_name")})
-    moved = {key: value.to(device=device, dtype=dtype) for key, value in tensors.items()}
+    moved = {key: cast(value, device=device, dtype=dtype, source=name, key=key) for key, value in tensors.items()}
     return QwenScopeSAE.from_parts(cfg, moved["W_enc"].T, moved["W_dec"], moved["b_enc"], moved["b_dec"])
