@@ -16,7 +16,7 @@ import torch
 from ..catalog import LAYER_FILE, SAEGroup, find_group, parse_repo_name
 from ._mmap import materialize
 from .features import FeatureSubset, subset_from_rows
-from .format import SAEFormatError, check_finite, check_shapes, read_layer_file
+from .format import SAEFormatError, as_index, check_finite, check_shapes, read_layer_file
 from .topk import QwenScopeSAE, make_config
 
 CONVERTED_WEIGHTS = "sae_weights.safetensors"
@@ -59,18 +59,20 @@ def _snapshot_revision(path: Path) -> str | None:
     return parts[parts.index("snapshots") + 1] if "snapshots" in parts[:-1] else None
 
 
-def _check_layer(group: SAEGroup | None, layer: int) -> None:
-    if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
+def _check_layer(group: SAEGroup | None, layer: int) -> int:
+    layer = as_index(layer, "layer")
+    if layer < 0:
         raise ValueError(f"layer must be a non-negative int, got {layer!r}")
     if group is not None and layer >= group.n_layers:
         raise ValueError(f"layer {layer} out of range for {group.repo_id} (layers 0-{group.n_layers - 1})")
+    return layer
 
 
 def resolve(source: str | os.PathLike, layer: int, revision: str | None = None) -> ResolvedSource:
     """Find the file for ``layer`` of ``source`` (see :func:`load_sae`)."""
     text = os.fspath(source)
     group = find_group(text)
-    _check_layer(group, layer)
+    layer = _check_layer(group, layer)
     if group is not None:
         path = hub_file(group.repo_id, group.filename(layer), revision)
         return ResolvedSource(path, layer, False, group, group.repo_id, _snapshot_revision(path), (group.d_sae, group.k))
@@ -122,13 +124,42 @@ def _read_sidecar(directory: Path) -> dict:
         raise FileNotFoundError(f"{directory}: converted SAE directory without {CONVERTED_CONFIG}") from None
     except json.JSONDecodeError as err:
         raise SAEFormatError(f"{cfg_path}: not valid JSON: {err}") from None
+    except (UnicodeDecodeError, IsADirectoryError) as err:
+        raise SAEFormatError(f"{cfg_path}: not a JSON text file: {err}") from None
+    return check_sidecar(sidecar, cfg_path)
+
+
+def check_sidecar(sidecar, cfg_path) -> dict:
+    """The converted sidecar's fields: an object with positive int ``d_in``, ``d_sae``, ``k <= d_sae``, and a
+    ``qscope`` section (when present) that agrees with them."""
+    if not isinstance(sidecar, dict):
+        raise SAEFormatError(f"{cfg_path}: expected a JSON object, got {type(sidecar).__name__}")
     missing = [key for key in ("d_in", "d_sae", "k") if key not in sidecar]
     if missing:
         raise SAEFormatError(f"{cfg_path}: missing key {missing[0]!r}")
+    for key in ("d_in", "d_sae", "k"):
+        value = sidecar[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SAEFormatError(f"{cfg_path}: key {key!r} must be a positive integer, got {value!r}")
+    if sidecar["k"] > sidecar["d_sae"]:
+        raise SAEFormatError(f"{cfg_path}: k={sidecar['k']} is larger than d_sae={sidecar['d_sae']}")
+    info = sidecar.get("qscope", {})
+    if not isinstance(info, dict):
+        raise SAEFormatError(f"{cfg_path}: key 'qscope' must be an object, got {type(info).__name__}")
+    for key, top in (("d_model", "d_in"), ("d_sae", "d_sae"), ("k", "k")):
+        if key in info and info[key] != sidecar[top]:
+            raise SAEFormatError(f"{cfg_path}: qscope.{key}={info[key]!r} disagrees with {top}={sidecar[top]!r}")
+    recorded = info.get("weights_sha256")
+    if recorded is not None and not (isinstance(recorded, str) and len(recorded) == 64):
+        raise SAEFormatError(f"{cfg_path}: qscope.weights_sha256 must be a hex sha256 string, got {recorded!r}")
+    if "metadata" in sidecar and not isinstance(sidecar["metadata"], dict):
+        raise SAEFormatError(f"{cfg_path}: key 'metadata' must be an object")
     return sidecar
 
 
 def _pick_k(resolved: ResolvedSource, k: int | None, d_sae: int) -> int:
+    if k is not None:
+        k = as_index(k, "k")
     if k is None:
         if resolved.name_hint is None:
             raise ValueError(
@@ -178,11 +209,17 @@ def load_sae(
     features' encoder rows and decoder columns are read, and a :class:`FeatureSubset` is
     returned (Top-k itself needs the full encoder, so it cannot encode).
     """
+    if k is not None:
+        k = as_index(k, "k")
+        if k < 1:
+            raise ValueError(f"k must be a positive int, got {k}")
+    ids = None if features is None else feature_ids(features)
     resolved = resolve(source, layer, revision)
+    layer = resolved.layer
     device = torch.device(device)
     target = parse_dtype(dtype) if dtype is not None else None
     if resolved.converted:
-        return _load_converted(resolved, k=k, device=device, dtype=target, relu=relu, features=features)
+        return _load_converted(resolved, k=k, device=device, dtype=target, relu=relu, ids=ids)
     state = read_layer_file(resolved.path)
     expect = resolved.group
     d_model, d_sae = check_shapes(
@@ -192,11 +229,13 @@ def load_sae(
     )
     k = _pick_k(resolved, k, d_sae)
     target = target or state["W_enc"].dtype
-    if features is not None:
-        ids = torch.as_tensor(features, dtype=torch.long)
+    if ids is not None:
         rows_enc = _validated_rows(state["W_enc"], ids, d_sae, resolved, "W_enc")
         rows_dec = _validated_rows(state["W_dec"].T, ids, d_sae, resolved, "W_dec")
-        return subset_from_rows(ids, rows_enc, rows_dec, state["b_enc"][ids], state["b_dec"], _metadata(resolved),
+        b_enc, b_dec = state["b_enc"][ids], state["b_dec"]
+        check_finite(b_enc, str(resolved.path), "b_enc")
+        check_finite(b_dec, str(resolved.path), "b_dec")
+        return subset_from_rows(ids, rows_enc, rows_dec, b_enc, b_dec, _metadata(resolved),
                                 device=device, dtype=target)
     name = str(resolved.path)
     W_enc_rows = materialize(state["W_enc"], device=device, dtype=target, transpose=False, source=name, key="W_enc")
@@ -210,6 +249,32 @@ def load_sae(
                       hf_hook_name=expect.hf_hook_name(layer) if expect else f"model.layers.{layer}",
                       metadata=_metadata(resolved))
     return QwenScopeSAE.from_parts(cfg, W_enc_rows, W_dec_rows, biases["b_enc"], biases["b_dec"])
+
+
+def feature_ids(features) -> torch.Tensor:
+    """``features`` (a non-empty flat list of distinct ints: Python, NumPy or an integer tensor) as a long tensor."""
+    if isinstance(features, torch.Tensor):
+        if features.is_floating_point() or features.dtype == torch.bool or features.is_complex():
+            raise TypeError(f"features must hold integer ids, got a {features.dtype} tensor")
+        if features.ndim != 1:
+            raise ValueError(f"features must be a flat list of ids, got a tensor of shape {tuple(features.shape)}")
+        items = features.tolist()
+    elif isinstance(features, (str, bytes)) or not hasattr(features, "__iter__"):
+        raise TypeError(f"features must be a list of int feature ids, got {type(features).__name__}")
+    else:
+        items = [as_index(f, "feature id") if not isinstance(f, (list, tuple)) else _nested(f) for f in features]
+    if not items:
+        raise ValueError("features is empty: pass at least one feature id (or features=None for the full SAE)")
+    seen = set()
+    for f in items:
+        if f in seen:
+            raise ValueError(f"feature id {f} is listed twice")
+        seen.add(f)
+    return torch.tensor(items, dtype=torch.long)
+
+
+def _nested(value):
+    raise TypeError(f"features must be a flat list of ids, got a nested {type(value).__name__} {value!r}")
 
 
 def _validated_rows(matrix: torch.Tensor, ids: torch.Tensor, d_sae: int, resolved: ResolvedSource, key: str) -> torch.Tensor:
@@ -229,23 +294,56 @@ def _metadata(resolved: ResolvedSource) -> dict:
     }
 
 
-def _load_converted(resolved, *, k, device, dtype, relu, features):
+def _open_safetensors(name: str):
     from safetensors import safe_open
 
+    try:
+        return safe_open(name, framework="pt")
+    except Exception as err:  # SafetensorError (corrupt header, truncated file) is not an OSError subclass
+        raise SAEFormatError(f"{name}: not a readable safetensors file (corrupt or truncated?): {err}") from None
+
+
+_VERIFIED: dict[tuple, str] = {}
+
+
+def check_weights_hash(resolved: ResolvedSource) -> None:
+    """The weights file must still hash to the sidecar's ``qscope.weights_sha256`` (once per file version)."""
+    recorded = resolved.sidecar.get("qscope", {}).get("weights_sha256")
+    if recorded is None:
+        return
+    import hashlib
+
+    stat = resolved.path.stat()
+    key = (str(resolved.path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    if key not in _VERIFIED:
+        digest = hashlib.sha256()
+        with open(resolved.path, "rb") as handle:
+            while block := handle.read(16 << 20):
+                digest.update(block)
+        _VERIFIED[key] = digest.hexdigest()
+    if _VERIFIED[key] != recorded:
+        raise SAEFormatError(
+            f"{resolved.path}: sha256 {_VERIFIED[key][:12]}... does not match the {CONVERTED_CONFIG} record "
+            f"{recorded[:12]}... (the weights changed after conversion; re-run qscope convert)"
+        )
+
+
+def _load_converted(resolved, *, k, device, dtype, relu, ids):
     sidecar = resolved.sidecar
     d_model, d_sae = sidecar["d_in"], sidecar["d_sae"]
     k = _pick_k(resolved, k, d_sae)
     name = str(resolved.path)
     if not resolved.path.exists():
         raise FileNotFoundError(f"{resolved.path.parent}: converted SAE directory without {CONVERTED_WEIGHTS}")
-    with safe_open(name, framework="pt") as handle:
+    if ids is None:  # a full load reads every byte anyway; a feature subset reads a few rows and is not hashed
+        check_weights_hash(resolved)
+    with _open_safetensors(name) as handle:
         shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
         want = {"W_enc": (d_model, d_sae), "W_dec": (d_sae, d_model), "b_enc": (d_sae,), "b_dec": (d_model,)}
         for key, shape in want.items():
             if shapes.get(key) != shape:
                 raise SAEFormatError(f"{name}: key {key!r} has shape {shapes.get(key)}, expected {shape}")
-        if features is not None:
-            ids = torch.as_tensor(features, dtype=torch.long)
+        if ids is not None:
             bad = ids[(ids < 0) | (ids >= d_sae)]
             if bad.numel():
                 raise ValueError(f"feature id {int(bad[0])} out of range [0, {d_sae}) for {resolved.describe()}")
@@ -253,10 +351,11 @@ def _load_converted(resolved, *, k, device, dtype, relu, features):
             rows_enc = torch.stack([enc[:, j] for j in ids.tolist()]) if len(ids) else torch.empty(0, d_model)
             rows_dec = torch.cat([dec[j : j + 1] for j in ids.tolist()]) if len(ids) else torch.empty(0, d_model)
             b_enc = handle.get_slice("b_enc")[:][ids]
+            b_dec = handle.get_tensor("b_dec")
             dtype = dtype or rows_enc.dtype
-            for key, value in (("W_enc", rows_enc), ("W_dec", rows_dec)):
+            for key, value in (("W_enc", rows_enc), ("W_dec", rows_dec), ("b_enc", b_enc), ("b_dec", b_dec)):
                 check_finite(value, name, key)
-            return subset_from_rows(ids, rows_enc, rows_dec, b_enc, handle.get_tensor("b_dec"), _metadata(resolved),
+            return subset_from_rows(ids, rows_enc, rows_dec, b_enc, b_dec, _metadata(resolved),
                                     device=device, dtype=dtype)
         tensors = {key: handle.get_tensor(key) for key in want}
     dtype = dtype or tensors["W_enc"].dtype
