@@ -174,11 +174,13 @@ class _Layers(argparse.Action):
 def add_layers(parser, *, required: bool = False, help: str = "decoder layers", deprecated_alias: str | None = None,
                default=None) -> None:
     """``--layers SPEC`` (see :func:`parse_layer_spec`); ``deprecated_alias`` (e.g. ``--layer``) still parses."""
-    parser.add_argument("--layers", nargs="+", action=_Layers, required=required, default=default, metavar="SPEC",
-                        help=f"{help}: 3, 0-5, 0,2,7 or all")
+    # with an alias, "required" is that of a group of two (argparse counts each spelling apart)
+    group = parser.add_mutually_exclusive_group(required=required) if deprecated_alias else parser
+    group.add_argument("--layers", nargs="+", action=_Layers, required=required and not deprecated_alias,
+                       default=default, metavar="SPEC", help=f"{help}: 3, 0-5, 0,2,7 or all")
     if deprecated_alias:
-        parser.add_argument(deprecated_alias, dest="layers", nargs="+", action=_Layers, new="--layers",
-                            default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        group.add_argument(deprecated_alias, dest="layers", nargs="+", action=_Layers, new="--layers",
+                           default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def add_layer(parser, *, required: bool = False, help: str = "decoder layer n (0-based)") -> None:

@@ -99,7 +99,7 @@ def _load_classifier(path: Path):
     input_file(path, "--classifier")
     try:
         return clf.FeatureClassifier.load(path)
-    except (ValueError, KeyError, TypeError) as err:
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise UsageError(f"--classifier {path}: not a classifier saved by `qscope classify fit` ({err})") from None
 
 

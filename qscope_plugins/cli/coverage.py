@@ -101,13 +101,14 @@ def read_inputs(args: argparse.Namespace):
     """``(targets, examples)``: the cheap inputs, validated before any model loads."""
     from ..recipes.coverage import read_features
 
-    from ._options import as_usage_errors
-
     input_file(args.features, "--features")
     if args.scores is not None:
         input_file(args.scores, "--scores")
-    with as_usage_errors():
+    try:
         targets = read_features(args.features)
+    except (ValueError, UnicodeDecodeError) as err:
+        message = str(err) if str(args.features) in str(err) else f"{args.features}: {err}"
+        raise UsageError(f"--features {message}") from None
     examples = read_examples(args.data)
     output_file(args.output)
     check_sources(args, sorted({t.layer for t in targets}))
