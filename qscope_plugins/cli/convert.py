@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..catalog import LAYER_FILE, find_group, parse_repo_name
 from ._inputs import require_hub
-from ._options import UsageError, add_layers, looks_like_path, output_dir, positive_int
+from ._options import UsageError, add_json, add_layers, emit, looks_like_path, output_dir, positive_int
 
 _LAYER_FILE = re.compile(r"^layer(\d+)\.sae\.pt$")
 
@@ -83,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
     written = convert(args.src, args.dst, layers, dtype=parse_dtype(args.dtype), revision=args.revision, k=args.k,
                       progress=lambda it: tqdm(it, desc="converting", unit="layer", disable=args.no_progress))
     skipped = sorted(set(layers) - set(written))
-    print(f"converted {len(written)} layer(s) into {args.dst}" + (f"; already done: {_ranges(skipped)}" if skipped else ""))
+    text = f"converted {len(written)} layer(s) into {args.dst}" + (f"; already done: {_ranges(skipped)}" if skipped else "")
+    emit(args, {"source": args.src, "destination": str(args.dst), "converted": written, "already_done": skipped}, text)
     return 0
 
 
@@ -97,4 +98,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--k", type=positive_int, help="Top-k size, needed only when SRC's name does not carry L0_{k}")
     parser.add_argument("--revision", help="hub revision (branch, tag or commit)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_json(parser, "print what was converted as JSON on stdout")
     parser.set_defaults(func=run)
