@@ -80,13 +80,10 @@ def accelerators() -> dict:
     info["cuda_available"] = bool(torch.cuda.is_available())
     if info["cuda_available"]:
         info["devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    try:
-        import triton  # noqa: F401
+    import importlib.util
 
-        info["triton_importable"] = True
-    except Exception:
-        info["triton_importable"] = False
-    info["triton_usable"] = bool(info["triton_importable"] and info["cuda_available"])
+    info["triton_installed"] = importlib.util.find_spec("triton") is not None  # found, not imported (slow)
+    info["triton_usable"] = bool(info["triton_installed"] and info["cuda_available"])
     return info
 
 
@@ -174,7 +171,9 @@ def _text(report: dict) -> str:
     lines.append(f"CUDA: {'available' if acc['cuda_available'] else 'not available'}"
                  f" (torch built with CUDA {acc['cuda_version'] or 'none'})"
                  + (f"; devices: {', '.join(acc['devices'])}" if acc["devices"] else ""))
-    lines.append(f"Triton: {'usable' if acc['triton_usable'] else 'importable, no CUDA' if acc.get('triton_importable') else 'not installed'}")
+    triton = ("usable (CUDA present)" if acc["triton_usable"] else "installed, unused without CUDA"
+              if acc.get("triton_installed") else "not installed")
+    lines.append(f"Triton: {triton}")
     cache = report["hub_cache"]
     lines.append("")
     lines.append(f"hub cache: {cache['path']}{'' if cache['exists'] else ' (does not exist)'}"
