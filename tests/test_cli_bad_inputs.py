@@ -305,6 +305,7 @@ CASES = [
      "exists and is not a directory"),
     ("footprint-layers-twice", FOOT.replace("--layers 1", "--layers 1 1") + " --benchmark a={good_txt}", 2,
      "layer 1 is given twice"),
+    ("footprint-over-context", f"{FOOT} --benchmark a={{long_txt}}", 2, "over the model's context of 512"),  # loads
     ("footprint-position", f"{FOOT} --benchmark a={{good_txt}} --position first", 2, "invalid choice: 'first'"),
     # ---- classify
     ("fit-no-output", FIT.replace(" --output {outj}", ""), 2, "give --output PATH for the classifier JSON"),
@@ -319,6 +320,8 @@ CASES = [
     ("fit-top-zero", f"{FIT} --top 0", 2, "expected a positive integer"),
     ("fit-old-top-k-zero", f"{FIT} --top-k 0", 2, "expected a positive integer"),
     ("fit-eps-nan", f"{FIT} --eps nan", 2, "expected a finite number"),
+    ("fit-text-over-context", FIT.replace("--neg {good_txt}", "--neg {long_txt}"), 2,  # loads
+     "--neg: text 0 has"),
     ("fit-layer-not-scanned", f"{FIT} --layers 0 --layer 2", 2, "--layer 2 is not among the scanned layers [0]"),  # loads
     ("eval-neither-mode", EVAL, 2, "give either --classifier with --pos/--neg, or --lang"),
     ("eval-classifier-missing", f"{EVAL} --classifier {{root}}/missing.json --pos {{good_txt}} --neg {{good_txt}}", 2,
@@ -367,6 +370,9 @@ CASES = [
     ("coverage-seed-bad-json", COV.replace("{seed_jsonl}", "{bad_jsonl}"), 2, "not valid JSON"),
     ("coverage-unscored", COV.replace("{scored_json}", "{features_json}"), 2, "feature (1, 3) has no score"),
     ("coverage-features-not-json", COV.replace("{scored_json}", "{good_txt}"), 2, "good.txt"),
+    ("coverage-over-context", COV.replace("{seed_jsonl}", "{long_txt}"), 2, "long.txt: text 0 has"),  # loads
+    ("apply-over-context", f"classify apply {M} --classifier {{clf_ok_json}} --texts {{long_txt}}", 2,  # loads
+     "--texts: text 0 has"),
     ("coverage-tau-nan", f"{COV} --tau nan", 2, "expected a finite number"),
     ("coverage-min-support-zero", f"{COV} --min-support 0", 2, "expected a positive integer"),
     ("synth-no-output", SYN, 2, "give --synthetic OUT.jsonl (or --dry-run)"),
@@ -441,7 +447,8 @@ def test_bad_input(case, w, tmp_path, capsys, offline):
     captured = capsys.readouterr()
     assert status == code, captured.err
     assert captured.out == ""
-    last = [line for line in captured.err.splitlines() if line.strip()][-1]
+    *warnings, last = [line for line in captured.err.splitlines() if line.strip()]
+    assert all(": warning: " in line and "is deprecated" in line for line in warnings), captured.err
     assert last.startswith(f"{_prefix(argv, fragment)}: error: "), captured.err
     assert fragment in last, captured.err
     assert "Traceback" not in captured.err

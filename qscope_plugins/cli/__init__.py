@@ -18,7 +18,7 @@ import importlib
 import sys
 import traceback
 
-from ._options import UsageError
+from ._options import Parser, UsageError
 
 # name -> (module in this package, one-line help). Keep alphabetical.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -58,7 +58,7 @@ def _selected(argv: list[str]) -> str | None:
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The parser; only the subcommand named in ``argv`` (every one when ``argv`` is None) is built in full."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="qscope", description="Qwen-Scope SAEs for TransformerLens, SAELens and nnsight.",
         epilog="Run `qscope doctor` and include its output when you report a bug.",
     )

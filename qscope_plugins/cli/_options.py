@@ -42,6 +42,13 @@ class UsageError(ValueError):
     """The command line is wrong (a value, a combination, a path it names); exits 2."""
 
 
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line (``qscope <cmd>: error: ...``), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 # ---- deprecated spellings -----------------------------------------------------------------------
 def warn(prog: str, message: str) -> None:
     print(f"{prog}: warning: {message}", file=sys.stderr)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ._inputs import check_sources, open_backend, open_saes, read_texts
 from ._options import (
-    UsageError, add_first_token, add_layer, add_layers, add_model_options, add_top, as_usage_errors,
+    UsageError, add_first_token, add_layer, add_layers, add_model_options, add_top, as_usage_errors, check_context,
     deprecated, emit, finite_float, fraction, input_file, non_negative_int, output_file, positive_int, resolve_layers,
 )
 
@@ -139,6 +139,8 @@ def run_fit(args: argparse.Namespace) -> int:
     skip = args.skip_first_token
     backend = open_backend(args)
     with as_usage_errors():
+        for flag, group in texts.items():
+            check_context(backend, group, source=flag)
         layers = resolve_layers(args.layers, backend.n_layers)
         if args.layer is not None and args.layer not in layers:
             raise UsageError(f"--layer {args.layer} is not among the scanned layers {layers}")
@@ -229,6 +231,9 @@ def run_eval(args: argparse.Namespace) -> int:
         texts = [read_texts(args.pos, "--pos"), read_texts(args.neg, "--neg")]
         check_sources(args, sorted(set(model.layers)))
         backend = open_backend(args)
+        with as_usage_errors():
+            for flag, group in zip(("--pos", "--neg"), texts):
+                check_context(backend, group, source=flag)
         saes = open_saes(args, backend, sorted(set(model.layers)))
         pos, neg = (_acts(args, backend, saes, t, model.skip_first_token) for t in texts)
         result = cev.evaluate(model, pos, neg, fpr=args.fpr, n_boot=args.n_boot).to_dict()
@@ -244,6 +249,9 @@ def run_eval(args: argparse.Namespace) -> int:
         backend = open_backend(args)
         with as_usage_errors():
             layers = resolve_layers(args.layers, backend.n_layers)
+            for name, group in texts.items():
+                for t in group:
+                    check_context(backend, t, source=f"--lang {name}")
         saes = open_saes(args, backend, layers)
         skip = args.skip_first_token
         acts = {name: [_acts(args, backend, saes, t, skip) for t in group] for name, group in texts.items()}
@@ -284,6 +292,8 @@ def run_apply(args: argparse.Namespace) -> int:
     output_file(args.output)
     check_sources(args, sorted(set(model.layers)))
     backend = open_backend(args)
+    with as_usage_errors():
+        check_context(backend, texts, source="--texts", reserve=args.max_new_tokens if args.monitor else 0)
     saes = open_saes(args, backend, sorted(set(model.layers)))
     if args.monitor:
         results = monitor(backend, model, saes, texts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ._inputs import check_sources, open_backend, open_saes, read_texts
 from ._options import (
-    UsageError, add_first_token, add_model_options, emit, finite_float, input_file, output_file,
+    UsageError, add_first_token, add_model_options, as_usage_errors, check_context, emit, finite_float, input_file, output_file,
     positive_int,
 )
 from .features import format_table
@@ -124,6 +124,13 @@ def open_model(args: argparse.Namespace, targets):
     return backend, saes, chat_render(backend.tokenizer) if args.chat_render else default_render
 
 
+def check_lengths(backend, texts: list[str], source: str) -> list[str]:
+    """Refuse examples longer than the model's context (a usage error naming the file and example)."""
+    with as_usage_errors():
+        check_context(backend, texts, source=source)
+    return texts
+
+
 def measure(args: argparse.Namespace, backend, saes, texts, targets):
     """:class:`Support` of ``texts`` for the targets, with the command's batching and progress options."""
     from ..recipes.coverage import collect_support
@@ -138,7 +145,8 @@ def run(args: argparse.Namespace) -> int:
     targets, examples = read_inputs(args)
     scores = relevance(args, targets)
     backend, saes, render = open_model(args, targets)
-    support = measure(args, backend, saes, [example_text(e, render) for e in examples], targets)
+    texts = check_lengths(backend, [example_text(e, render) for e in examples], args.data)
+    support = measure(args, backend, saes, texts, targets)
     report = coverage_report(support, scores, tau=args.tau, min_support=args.min_support)
     emit(args, {"model": args.model, "sae": args.sae, "data": args.data, **report.to_dict()},
          f"{report.summary()}\n{format_table(report.rows)}")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ._inputs import check_sources, open_backend, open_saes, read_texts
 from ._options import (
-    UsageError, add_first_token, add_layers, add_model_options, as_usage_errors, emit, input_file, output_dir,
+    UsageError, add_first_token, add_layers, add_model_options, as_usage_errors, check_context, emit, input_file, output_dir,
     output_file, resolve_layers,
 )
 
@@ -84,9 +84,13 @@ def run(args: argparse.Namespace) -> int:
     from ..recipes.footprints import extract_footprints
 
     benchmarks = _check(args)
+    from ..recipes.footprints import render
+
     backend = open_backend(args)
     with as_usage_errors():
         layers = resolve_layers(args.layers, backend.n_layers)
+        for name, samples in benchmarks.items():
+            check_context(backend, render(samples, args.template, args.id_field)[1], source=f"--benchmark {name}")
     saes = open_saes(args, backend, layers)
     summary = {}
     for name, samples in benchmarks.items():

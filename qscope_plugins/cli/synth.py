@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .coverage import (
-    add_coverage_arguments, measure, open_model, read_examples, read_inputs, relevance, text_generator,
+    add_coverage_arguments, check_lengths, measure, open_model, read_examples, read_inputs, relevance, text_generator,
 )
 from ._options import UsageError, emit, non_negative_int, output_file, positive_int
 
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     scores = relevance(args, targets)
     backend, saes, render = open_model(args, targets)
 
-    seed = [example_text(e, render) for e in examples]
+    seed = check_lengths(backend, [example_text(e, render) for e in examples], args.data)
     seed_support = measure(args, backend, saes, seed, targets)
 
     def coverage(added=()):
