@@ -4,7 +4,7 @@ Every subcommand builds its options from these helpers, so a flag means the same
 
 =====================  ==========================================================================
 ``--json``             print machine-readable JSON on stdout (never a path)
-``--output PATH``      write the result to this file (atomically; stdout stays empty)
+``--output PATH``      write the result as JSON to this file (atomically); stdout still gets the text form
 ``--output-dir DIR``   write several files into this directory (``demo``, ``redundancy``)
 ``--layers SPEC``      a set of decoder layers: ``3``, ``0-5``, ``0,2,7``, ``all`` (or several tokens)
 ``--layer N``          exactly one decoder layer
@@ -210,7 +210,7 @@ def add_json(parser, help: str = "print the result as JSON on stdout") -> None:
     parser.add_argument("--json", action="store_true", help=help)
 
 
-def add_output(parser, help: str = "write the result to this file (atomically) instead of stdout") -> None:
+def add_output(parser, help: str = "also write the result as JSON to this file (atomically)") -> None:
     parser.add_argument("--output", type=Path, metavar="PATH", help=help)
 
 
@@ -244,7 +244,7 @@ def add_model_options(parser, *, json_help: str | None = "print the result as JS
                         help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps")
     parser.add_argument("--dtype", choices=MODEL_DTYPES, default="float32",
                         help="model dtype (SAE math is float32 regardless)")
-    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="texts per forward pass")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     if json_help is not None:
         add_json(parser, json_help)
