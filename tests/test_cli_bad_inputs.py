@@ -51,6 +51,13 @@ def w(tmp_path_factory) -> dict[str, str]:
         state[key][5] = float("nan")  # feature 5 is the one steered
         paths[f"nan_{key}"] = root / f"nan_{key}" / CONV
         write_released_layer(paths[f"nan_{key}"], 1, state)
+    paths["conv_corrupt"] = root / "conv_corrupt" / CONV  # layers 0, 1 fine, layer 2 corrupt
+    for layer in (0, 1):
+        write_released_layer(paths["conv_corrupt"], layer, random_sae_state(64, 1024, seed=layer))
+    (paths["conv_corrupt"] / "layer2.sae.pt").write_bytes(b"PK\x03\x04 truncated")
+    paths["conv_wide"] = root / "conv_wide" / CONV  # layer 1 has the width its name does not say
+    write_released_layer(paths["conv_wide"], 0, random_sae_state(64, 1024))
+    write_released_layer(paths["conv_wide"], 1, random_sae_state(64, 512))
     paths["corrupt"] = root / "corrupt" / CONV
     paths["corrupt"].mkdir(parents=True)
     (paths["corrupt"] / "layer1.sae.pt").write_bytes(b"not a zip checkpoint")
@@ -143,6 +150,10 @@ CASES = [
     ("convert-src-is-file", "convert {good_txt} {out}", 2, "is a file"),
     ("convert-src-empty-dir", "convert {empty_dir} {out}", 2, "no layer{n}.sae.pt files in this directory"),
     ("convert-layer-range-too-far", f"{CONVERT} --layers 0-999", 2, "no layer4.sae.pt (layers present: 0-3)"),
+    ("convert-corrupt-layer-before-any-write", "convert {conv_corrupt} {out}", 1,
+     "layer2.sae.pt: not a readable PyTorch zip checkpoint"),
+    ("convert-wrong-width-before-any-write", "convert {conv_wide} {out}", 1,
+     "key 'W_enc' has shape (512, 64), expected (d_sae, d_model) = (1024, 64)"),
     ("convert-layers-reversed", f"{CONVERT} --layers 5-2", 2, "end before start"),
     ("convert-layers-word", f"{CONVERT} --layers x", 2, "bad layer spec 'x'"),
     ("convert-layers-twice", f"{CONVERT} --layers 1,1", 2, "layer 1 is given twice"),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..catalog import LAYER_FILE, find_group, parse_repo_name
 from ._inputs import require_hub
-from ._options import UsageError, add_json, add_layers, emit, looks_like_path, output_dir, positive_int
+from ._options import UsageError, add_json, as_usage_errors, add_layers, emit, looks_like_path, output_dir, positive_int
 
 _LAYER_FILE = re.compile(r"^layer(\d+)\.sae\.pt$")
 
@@ -62,6 +62,25 @@ def plan(args: argparse.Namespace) -> list[int]:
     return layers
 
 
+def check_files(args: argparse.Namespace, layers: list[int]) -> None:
+    """Open every layer file (memory-mapped: keys, dtypes and shapes, no data read) before writing any layer.
+
+    Values (NaN/Inf) are checked while each layer converts; a layer that fails then leaves the layers before it
+    complete and verified, so the same command resumes after the file is fixed.
+    """
+    from ..sae.format import check_shapes, read_layer_file
+    from ..sae.loading import resolve
+
+    for layer in layers:
+        with as_usage_errors():  # a layer file missing from the hub cache while offline: the command to run
+            resolved = resolve(args.src, layer, args.revision)
+        if resolved.converted:
+            raise UsageError(f"SRC {args.src}: holds converted layers already (layer{layer}/); give the released files")
+        group, hint = resolved.group, resolved.name_hint
+        check_shapes(read_layer_file(resolved.path), str(resolved.path), d_model=group.d_model if group else None,
+                     d_sae=group.d_sae if group else (hint[0] if hint else None))
+
+
 def _ranges(layers: list[int]) -> str:
     out, start = [], None
     for i, n in enumerate(layers):
@@ -80,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
     from ..sae.loading import parse_dtype
 
     layers = plan(args)
+    check_files(args, layers)
     written = convert(args.src, args.dst, layers, dtype=parse_dtype(args.dtype), revision=args.revision, k=args.k,
                       progress=lambda it: tqdm(it, desc="converting", unit="layer", disable=args.no_progress))
     skipped = sorted(set(layers) - set(written))
