@@ -208,6 +208,12 @@ def load_sae(
     defaults to the stored precision (float32 for released files). With ``features=[...]`` only those
     features' encoder rows and decoder columns are read, and a :class:`FeatureSubset` is
     returned (Top-k itself needs the full encoder, so it cannot encode).
+
+    Arguments are checked before any file is read: ``layer`` and ``k`` are ints (NumPy integers
+    pass; bools and floats raise ``TypeError``), ``features`` a non-empty flat list of distinct
+    int ids. Every tensor read is checked finite (subsets: their rows and both biases). A
+    converted sidecar must agree with itself and with the weights' shapes, and a full load
+    checks the weights' sha256 against the sidecar's record (once per file version and process).
     """
     if k is not None:
         k = as_index(k, "k")
