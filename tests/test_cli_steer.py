@@ -73,8 +73,8 @@ def test_prompts_file_and_output_file(files, capsys, tmp_path):
     prompts.write_text('"Hello there"\n\n{"prompt": "abc"}\n', encoding="utf-8")
     target = tmp_path / "out.json"
     assert main(steer_args(files, "--prompts-file", str(prompts), "--json", "--output", str(target))) == 0
-    assert capsys.readouterr().out == ""
     written = json.loads(target.read_text())
+    assert json.loads(capsys.readouterr().out) == written  # --json prints, --output writes the same result
     assert [o["prompt_ids"] for o in written["baseline"]] == [o["prompt_ids"] for o in written["steered"]]
     assert len(written["steered"]) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json", "prompts.jsonl"]  # no temp file left
@@ -128,7 +128,7 @@ def test_sae_for_another_backbone_warns(files, capsys, monkeypatch):
 
 def test_features_and_contrast_commands(files, capsys, tmp_path):
     root, model_dir = files
-    common = ["--model", str(model_dir), "--sae", str(root / "sae"), "--k", "8", "--layer", "1", "2", "--no-progress"]
+    common = ["--model", str(model_dir), "--sae", str(root / "sae"), "--k", "8", "--layers", "1,2", "--no-progress"]
     out = run_json(capsys, ["features", *common, "--text", "Hello there", "--top", "3", "--json"])
     assert {r["layer"] for r in out["rows"]} == {1, 2} and all(r["mean"] > 0 for r in out["rows"])
     assert sum(r["layer"] == 1 for r in out["rows"]) == 3

@@ -71,6 +71,22 @@ def test_layer_spec_errors():
         convert_module.parse_layers("5-2")
 
 
-def test_unknown_repo_needs_layers(tmp_path, capsys):
-    assert main(["convert", str(tmp_path), str(tmp_path / "out")]) == 2
+def test_local_directory_layers_are_discovered(tmp_path, capsys):
+    from qscope_plugins.testing.sae_files import write_released_layer
+
+    src = tmp_path / "SAE-Res-Tiny-W1K-L0_8"
+    src.mkdir()
+    assert main(["convert", str(src), str(tmp_path / "out")]) == 2
+    assert "no layer{n}.sae.pt files in this directory" in capsys.readouterr().err
+    for layer in (0, 2):
+        write_released_layer(src, layer, random_sae_state(32, 1024, seed=layer))
+    assert main(["convert", str(src), str(tmp_path / "out"), "--no-progress"]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["layer0", "layer2"]
+    assert main(["convert", str(src), str(tmp_path / "out2"), "--layers", "0-2"]) == 2
+    assert "no layer1.sae.pt (layers present: 0,2)" in capsys.readouterr().err
+    assert not (tmp_path / "out2").exists()
+
+
+def test_unknown_hub_repo_needs_layers(offline_hub, tmp_path, capsys):
+    assert main(["convert", "Qwen/SAE-Res-Unknown-W1K-L0_8", str(tmp_path / "out")]) == 2
     assert "--layers is required" in capsys.readouterr().err

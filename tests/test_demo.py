@@ -32,7 +32,7 @@ def test_script_tokens_mark_exactly_the_b_script():
 def test_demo_json_summary_and_files(tmp_path, capsys):
     """The quick demo prints one JSON object with the issue's keys, writes the same summary and plots,
     and the planted effects show: suppression cuts switching, the classifier and R_hat work."""
-    assert main(["demo", "--json", "--quick", "--out", str(tmp_path)]) == 0
+    assert main(["demo", "--json", "--quick", "--output-dir", str(tmp_path)]) == 0
     summary = json.loads(capsys.readouterr().out)
     for key in KEYS:
         assert isinstance(summary[key], float), key

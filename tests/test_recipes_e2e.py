@@ -185,7 +185,7 @@ def test_cli_footprint_redundancy_subset(world, tmp_path, capsys):
 
     out = tmp_path / "report"
     scores = [a for name in files for a in ("--scores", f"{name}={tmp_path / f'{name}_scores.json'}")]
-    assert cli("redundancy", "--store", store, "--layer", 3, *scores, "--out-dir", out, "--n-subsets", 10, "--json") == 0
+    assert cli("redundancy", "--store", store, "--layer", 3, *scores, "--output-dir", out, "--n-subsets", 10, "--json") == 0
     result = json.loads(capsys.readouterr().out)
     assert json.loads((out / "redundancy.json").read_text()) == result
     expected = FootprintStore.open(store, "beta").footprints(3).sets()
@@ -212,7 +212,7 @@ def test_cli_classify_fit_eval_apply(world, tmp_path, capsys):
     model_args = ["--model", world["model_dir"], "--sae", world["root"] / "sae", "--k", K, "--no-progress"]
     saved = tmp_path / "clf.json"
     data = ["--pos", paths["pos"], "--neg", paths["neg"], "--eval-pos", paths["test_pos"], "--eval-neg", paths["test_neg"]]
-    options = ["--top-k", 1, "--k-grid", "1,2", "--baselines", "--plot", tmp_path / "f1.png", "--save", saved, "--json"]
+    options = ["--top", 1, "--k-grid", "1,2", "--baselines", "--plot", tmp_path / "f1.png", "--output", saved, "--json"]
     assert cli("classify", "fit", *model_args, "--layers", *LAYERS, *data, *options) == 0
     fit = json.loads(capsys.readouterr().out)
     assert fit["classifier"]["features"] == [PLANTED] and fit["evaluation"]["f1"] >= 0.95
@@ -222,7 +222,7 @@ def test_cli_classify_fit_eval_apply(world, tmp_path, capsys):
     assert loaded["sae_source"] == str(world["root"] / "sae") and loaded["model"] == str(world["model_dir"])
 
     held_out = ["--pos", paths["test_pos"], "--neg", paths["test_neg"]]
-    assert cli("classify", "eval", *model_args, "--classifier", saved, *held_out, "--n-boot", 50) == 0
+    assert cli("classify", "eval", *model_args, "--classifier", saved, *held_out, "--n-boot", 50, "--json") == 0
     evaluation = json.loads(capsys.readouterr().out)
     assert evaluation["f1"] == fit["evaluation"]["f1"] and evaluation["f1_low"] <= evaluation["f1"]
 
@@ -232,7 +232,7 @@ def test_cli_classify_fit_eval_apply(world, tmp_path, capsys):
 
     en = ["--lang", "en", paths["pos"], paths["neg"], paths["test_pos"], paths["test_neg"]]
     swapped = ["--lang", "xx", paths["neg"], paths["pos"], paths["test_neg"], paths["test_pos"]]
-    options = ["--layers", 3, "--top-k", 1, "--plot", tmp_path / "transfer.png"]
+    options = ["--layers", 3, "--top", 1, "--plot", tmp_path / "transfer.png", "--json"]
     assert cli("classify", "eval", *model_args, *options, *en, *swapped) == 0
     transfer = json.loads(capsys.readouterr().out)
     f1 = np.array(transfer["layers"]["3"]["transfer_f1"])

@@ -222,7 +222,7 @@ def test_cli_writes_json_and_plot(files, tok, model, tmp_path, capsys):
     root, checkpoint = files
     out, png = tmp_path / "eval.json", tmp_path / "eval.png"
     rc = main(["eval-sae", "--model", str(checkpoint), "--sae", str(root / "tiny-sae"), "--k", "8",
-               "--layers", "1", "--data", str(root / "texts.txt"), "--skip-first-token", "--json", str(out),
+               "--layers", "1", "--data", str(root / "texts.txt"), "--skip-first-token", "--output", str(out),
                "--plot", str(png), "--no-progress"])
     assert rc == 0
     result = json.loads(out.read_text())
@@ -239,7 +239,7 @@ def test_cli_bad_input_leaves_no_output(files, tmp_path, capsys):
     root, checkpoint = files
     out = tmp_path / "eval.json"
     args = ["eval-sae", "--model", str(checkpoint), "--sae", str(root / "tiny-sae"), "--k", "8",
-            "--json", str(out), "--no-progress"]
+            "--output", str(out), "--no-progress"]
     assert main([*args, "--layers", "1", "--data", str(tmp_path / "missing.txt")]) == 2
     assert "missing.txt" in capsys.readouterr().err
     assert main([*args, "--layers", "9", "--data", str(root / "texts.txt")]) == 2
@@ -252,7 +252,7 @@ def test_cli_compare_checkpoints(files, tmp_path, capsys):
     out, png = tmp_path / "compare.json", tmp_path / "compare.png"
     rc = main(["eval-sae", "--model", str(checkpoint), "--compare-model", str(checkpoint), "--sae",
                str(root / "tiny-sae"), "--k", "8", "--layers", "1", "--data", str(root / "texts.txt"), "--no-loss",
-               "--top-n", "5", "--json", str(out), "--plot", str(png), "--no-progress"])
+               "--top", "5", "--output", str(out), "--plot", str(png), "--no-progress"])
     assert rc == 0
     (row,) = json.loads(out.read_text())["layers"]
     assert row["top_feature_jaccard"] == 1.0 and row["base"] == row["other"] and row["base"]["ce_loss_clean"] is None

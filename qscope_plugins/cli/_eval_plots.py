@@ -1,4 +1,7 @@
-"""PNG plots for ``qscope redundancy`` and ``qscope classify`` (matplotlib, headless, written atomically)."""
+"""PNG plots for ``qscope redundancy`` and ``qscope classify`` (matplotlib, headless, written atomically).
+
+Each function takes ``path``: the PNG is written there, or with ``path=None`` returned as bytes.
+"""
 
 from __future__ import annotations
 
@@ -18,12 +21,13 @@ def _figure():
     return plt
 
 
-def _save(fig, path: Path) -> Path:
-    from ..recipes.footprint_store import atomic_write
+def _save(fig, path: Path | None):
+    """Write the PNG to ``path`` atomically (no temp file survives a failure); ``None``: return its bytes."""
+    from ._options import write_atomic
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    return atomic_write(path, buffer.getvalue())
+    return buffer.getvalue() if path is None else write_atomic(path, buffer.getvalue())
 
 
 def heatmap(matrix: np.ndarray, rows: Sequence, cols: Sequence, path: Path, title: str, label: str) -> Path:

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from ..catalog import GROUPS
+from ._options import add_json
 
 COLUMNS = ("release", "repo_id", "model", "family", "moe", "n_layers", "d_model", "d_sae", "k", "trained_on")
 
@@ -24,5 +25,5 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("catalog", help="list the Qwen-Scope SAE groups")
-    parser.add_argument("--json", action="store_true", help="print a JSON list of objects")
+    add_json(parser, "print a JSON list of objects")
     parser.set_defaults(func=run)

@@ -10,8 +10,12 @@ import argparse
 import json
 from pathlib import Path
 
+from ._inputs import check_sources, open_backend, open_saes, read_texts
+from ._options import (
+    UsageError, add_first_token, add_model_options, as_usage_errors, check_context, emit, finite_float, input_file, output_file,
+    positive_int,
+)
 from .features import format_table
-from .steer import add_model_arguments, emit, open_backend, open_saes, read_texts
 
 
 def add_coverage_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,10 +30,10 @@ def add_coverage_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", action="store_true", help="send LLM requests as chat messages (chat template)")
     p.add_argument("--chat-render", action="store_true",
                    help="measure prompt/response examples in the model's chat template (default: prompt, blank line, response)")
-    p.add_argument("--tau", type=float, default=0.5, help="relevance threshold: targets have score >= tau")
-    p.add_argument("--min-support", type=int, default=3, help="targets firing on fewer examples are 'weak'")
-    p.add_argument("--keep-first", action="store_true", help="also count each text's first token")
-    add_model_arguments(p)
+    p.add_argument("--tau", type=finite_float, default=0.5, help="relevance threshold: targets have score >= tau")
+    p.add_argument("--min-support", type=positive_int, default=3, help="targets firing on fewer examples are 'weak'")
+    add_first_token(p)
+    add_model_options(p)
 
 
 def add_parser(subparsers) -> None:
@@ -39,27 +43,30 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def read_examples(path: str | Path) -> list:
+def read_examples(path: str | Path, flag: str = "DATA") -> list:
     """Examples from ``.jsonl`` (strings, ``{"text"}`` or ``{"prompt", "response"?}``) or one text per line."""
     from ..recipes.coverage import example_text
 
-    path = Path(path)
+    path = input_file(path, flag)
     if path.suffix != ".jsonl":
-        return read_texts(path)
+        return read_texts(path, flag)
     examples = []
     for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
-        item = json.loads(line)
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UsageError(f"{path}:{i}: not valid JSON ({err.msg})") from None
         if not isinstance(item, (str, dict)):
-            raise ValueError(f"{path}:{i}: expected a JSON string or object")
+            raise UsageError(f"{path}:{i}: expected a JSON string or object, got {type(item).__name__}")
         try:
             example_text(item)
-        except ValueError as err:
-            raise ValueError(f"{path}:{i}: {err}") from None
+        except (ValueError, TypeError) as err:
+            raise UsageError(f"{path}:{i}: {err}") from None
         examples.append(item)
     if not examples:
-        raise ValueError(f"{path} holds no examples")
+        raise UsageError(f"{path} holds no examples")
     return examples
 
 
@@ -84,7 +91,7 @@ def relevance(args: argparse.Namespace, targets) -> dict:
     else:
         unscored = [t.key for t in targets if t.score is None]
         if unscored:
-            raise ValueError(f"feature {unscored[0]} has no score: add 'score' to {args.features}, "
+            raise UsageError(f"feature {unscored[0]} has no score: add 'score' to {args.features}, "
                              "or pass --scores or --judge-model")
         judge = ScoreTable({t.key: t.score for t in targets}, str(args.features))
     return judge_features(targets, judge)
@@ -94,7 +101,18 @@ def read_inputs(args: argparse.Namespace):
     """``(targets, examples)``: the cheap inputs, validated before any model loads."""
     from ..recipes.coverage import read_features
 
-    return read_features(args.features), read_examples(args.data)
+    input_file(args.features, "--features")
+    if args.scores is not None:
+        input_file(args.scores, "--scores")
+    try:
+        targets = read_features(args.features)
+    except (ValueError, UnicodeDecodeError) as err:
+        message = str(err) if str(args.features) in str(err) else f"{args.features}: {err}"
+        raise UsageError(f"--features {message}") from None
+    examples = read_examples(args.data)
+    output_file(args.output)
+    check_sources(args, sorted({t.layer for t in targets}))
+    return targets, examples
 
 
 def open_model(args: argparse.Namespace, targets):
@@ -106,11 +124,18 @@ def open_model(args: argparse.Namespace, targets):
     return backend, saes, chat_render(backend.tokenizer) if args.chat_render else default_render
 
 
+def check_lengths(backend, texts: list[str], source: str) -> list[str]:
+    """Refuse examples longer than the model's context (a usage error naming the file and example)."""
+    with as_usage_errors():
+        check_context(backend, texts, source=source)
+    return texts
+
+
 def measure(args: argparse.Namespace, backend, saes, texts, targets):
     """:class:`Support` of ``texts`` for the targets, with the command's batching and progress options."""
     from ..recipes.coverage import collect_support
 
-    return collect_support(backend, saes, texts, [t.key for t in targets], skip_first_token=not args.keep_first,
+    return collect_support(backend, saes, texts, [t.key for t in targets], skip_first_token=args.skip_first_token,
                            batch_size=args.batch_size, progress=not args.no_progress)
 
 
@@ -120,10 +145,9 @@ def run(args: argparse.Namespace) -> int:
     targets, examples = read_inputs(args)
     scores = relevance(args, targets)
     backend, saes, render = open_model(args, targets)
-    support = measure(args, backend, saes, [example_text(e, render) for e in examples], targets)
+    texts = check_lengths(backend, [example_text(e, render) for e in examples], args.data)
+    support = measure(args, backend, saes, texts, targets)
     report = coverage_report(support, scores, tau=args.tau, min_support=args.min_support)
-    if args.json:
-        emit(args, json.dumps({"model": args.model, "sae": args.sae, "data": args.data, **report.to_dict()}))
-    else:
-        emit(args, f"{report.summary()}\n{format_table(report.rows)}")
+    emit(args, {"model": args.model, "sae": args.sae, "data": args.data, **report.to_dict()},
+         f"{report.summary()}\n{format_table(report.rows)}")
     return 0

@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+from ._options import add_json, add_output_dir, deprecated, output_dir
+
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -15,9 +17,10 @@ def add_parser(subparsers) -> None:
         description="Steering away from code-switching, a toxicity classifier and benchmark redundancy, on a tiny "
                     "Qwen3 trained here with Qwen-Scope-format SAEs; writes summary.json and PNG plots.",
     )
-    parser.add_argument("--json", action="store_true", help="print only the summary, as one JSON object")
-    parser.add_argument("--out", type=Path, default=Path("qscope-demo"),
-                        help="directory for summary.json and the plots (default: ./qscope-demo)")
+    add_json(parser, "print only the summary, as one JSON object on stdout")
+    add_output_dir(parser, "directory for summary.json and the plots (default: ./qscope-demo)",
+                   default=Path("qscope-demo"))
+    deprecated(parser, "--out", "--output-dir", "output_dir", type=Path)
     parser.add_argument("--no-files", action="store_true", help="write nothing to disk")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test on a fifth of the held-out data (faster, noisier numbers)")
@@ -28,6 +31,8 @@ def run(args: argparse.Namespace) -> int:
     from ..demo.run import DemoSizes, run_demo
 
     quiet = args.json
+    if not args.no_files:
+        output_dir(args.output_dir)
 
     def say(line: str) -> None:
         if not quiet:
@@ -35,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
 
     sizes = DemoSizes.quick() if args.quick else DemoSizes()
     with contextlib.redirect_stdout(sys.stderr):  # libraries print while loading; stdout is the summary's
-        summary = run_demo(None if args.no_files else args.out, sizes=sizes, say=say, progress=not quiet)
+        summary = run_demo(None if args.no_files else args.output_dir, sizes=sizes, say=say, progress=not quiet)
     if args.json:
         print(json.dumps(summary))
         return 0
@@ -51,5 +56,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"backends agree (HookedTransformer vs nnsight greedy): {summary['backends_agree']}; "
           f"{summary['seconds']:.0f} s on {summary['device']}")
     if not args.no_files:
-        print(f"wrote {args.out}/summary.json and plots")
+        print(f"wrote {args.output_dir}/summary.json and plots")
     return 0

@@ -8,69 +8,78 @@ validated and computed before anything is written; JSON and PNG are written atom
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
 
-import torch
-
-from ..backends import KINDS
-from ..recipes.sae_eval import DENSE_THRESHOLD, LayerEval, compare_checkpoints, evaluate_sae
-from ..sae.convert import parse_layers
-from .steer import open_backend, open_saes, read_texts
+from ._inputs import check_model_source, check_sources, open_backend, open_saes, read_texts, require_hub
+from ._options import (
+    UsageError, add_first_token, add_layers, add_model_options, add_top, as_usage_errors, deprecated, emit, fraction,
+    looks_like_path, output_file, positive_int, resolve_layers, warn,
+)
 
 METRICS = ("explained_variance", "ce_loss_recovered", "dead_fraction", "dense_fraction")
+DENSE_THRESHOLD = 0.1  # == recipes.sae_eval.DENSE_THRESHOLD (kept here so --help imports no torch; a test checks)
+
+
+class _JsonFlag(argparse.Action):
+    """``--json`` prints JSON; the old ``--json PATH`` still writes PATH (deprecated: use ``--output``)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if values is None:
+            namespace.json = True
+            return
+        warn(parser.prog, "--json PATH is deprecated; use --output PATH (and --json to print JSON)")
+        namespace.output, namespace.json_path = Path(values), True
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("eval-sae", help="SAE quality per layer: EV/FVU, L0, dead features, CE loss recovered",
                               description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="model hub id or local checkpoint directory")
-    p.add_argument("--sae", required=True, help="SAE repo id, SAELens release, directory or layer file")
-    p.add_argument("--layers", required=True, type=parse_layers, help="layers, e.g. 12 or 0-5 or 0,4,8-10")
+    add_model_options(p, json_help=None)
+    p.add_argument("--json", nargs="?", action=_JsonFlag, default=False, metavar="",
+                   help="print the results as JSON on stdout")
+    add_layers(p, required=True)
     p.add_argument("--data", required=True,
                    help="texts: a file (one per line, or .jsonl), a datasets.save_to_disk directory, or a dataset id")
     p.add_argument("--column", default="text", help="dataset column holding the texts")
     p.add_argument("--split", default="train", help="dataset split")
-    p.add_argument("--max-texts", type=int, help="use only the first N texts")
-    p.add_argument("--max-length", type=int, default=512, help="truncate each text to this many tokens")
-    p.add_argument("--k", type=int, help="Top-k size, when neither the SAE's name (L0_{k}) nor its files say")
-    p.add_argument("--backend", choices=sorted(KINDS), default="hf", help="framework that runs the model")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--skip-first-token", action="store_true", help="leave each text's first token out (extreme norm)")
+    p.add_argument("--max-texts", type=positive_int, help="use only the first N texts")
+    p.add_argument("--max-length", type=positive_int, default=512,
+                   help="truncate each text to this many tokens (longer texts are cut, with a warning)")
+    add_first_token(p)
     p.add_argument("--no-loss", action="store_true", help="skip the next-token loss (reconstruction metrics only)")
-    p.add_argument("--dense-threshold", type=float, default=DENSE_THRESHOLD,
+    p.add_argument("--dense-threshold", type=fraction, default=DENSE_THRESHOLD,
                    help="a feature active on more than this fraction of tokens is dense")
     p.add_argument("--compare-model", help="a second checkpoint (e.g. the post-trained one) to compare with --model")
-    p.add_argument("--top-n", type=int, default=20, help="top features per text for the Jaccard overlap")
-    p.add_argument("--json", type=Path, help="write the results to this JSON file")
+    add_top(p, 20, "top features per text for the Jaccard overlap")
+    deprecated(p, "--top-n", "--top", "top", type=positive_int)
     p.add_argument("--plot", type=Path, help="write a per-layer PNG plot")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, json_path=False)
 
 
 def read_data(spec: str, column: str = "text", split: str = "train", limit: int | None = None) -> list[str]:
     """Texts from a file, a ``save_to_disk`` directory or a dataset id (``load_dataset``)."""
     path = Path(spec).expanduser()
-    if not path.exists() and (path.suffix or spec.startswith((".", "/", "~"))):
-        raise FileNotFoundError(f"{spec}: no such file or directory")
+    if not path.exists() and (path.suffix or looks_like_path(spec)):
+        raise UsageError(f"--data {spec}: no such file or directory")
     if path.is_file():
-        texts = read_texts(path)
+        texts = read_texts(path, "--data")
     else:
+        if not path.exists():
+            require_hub(spec, "README.md", "--data", repo_type="dataset")
         import datasets
 
         data = datasets.load_from_disk(str(path)) if path.is_dir() else datasets.load_dataset(spec, split=split)
         if isinstance(data, datasets.DatasetDict):
             if split not in data:
-                raise ValueError(f"{spec}: no split {split!r} (has {', '.join(data)})")
+                raise UsageError(f"{spec}: no split {split!r} (has {', '.join(data)})")
             data = data[split]
         if column not in data.column_names:
-            raise ValueError(f"{spec}: no column {column!r} (has {', '.join(data.column_names)}); pass --column")
+            raise UsageError(f"{spec}: no column {column!r} (has {', '.join(data.column_names)}); pass --column")
         texts = [t for t in data[column] if isinstance(t, str) and t.strip()]
     texts = texts[:limit] if limit else texts
     if not texts:
-        raise ValueError(f"{spec} holds no texts")
+        raise UsageError(f"{spec} holds no texts")
     return texts
 
 
@@ -109,19 +118,29 @@ def _table(metrics: list[dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..recipes.footprint_store import atomic_write
+    from ..recipes.sae_eval import compare_checkpoints, evaluate_sae
 
+    if args.max_length < 2:
+        raise UsageError(f"--max-length must be >= 2 (next-token loss needs two tokens), got {args.max_length}")
+    output_file(args.output)
+    output_file(args.plot, "--plot")
+    if args.compare_model:
+        check_model_source(args.compare_model, "--compare-model")
+    check_sources(args, args.layers)
     texts = read_data(args.data, args.column, args.split, args.max_texts)
     backend = open_backend(args)
-    saes = open_saes(args, backend, args.layers)
+    with as_usage_errors():
+        layers = resolve_layers(args.layers, backend.n_layers)
+    saes = open_saes(args, backend, layers)
+    max_length = _warn_truncation(backend, texts, args.max_length)
     options = dict(skip_first_token=args.skip_first_token, compute_loss=not args.no_loss, batch_size=args.batch_size,
-                   max_length=args.max_length, dense_threshold=args.dense_threshold, progress=not args.no_progress)
+                   max_length=max_length, dense_threshold=args.dense_threshold, progress=not args.no_progress)
     result = {"model": args.model, "sae": args.sae, "backend": args.backend, "n_texts": len(texts),
               "skip_first_token": args.skip_first_token}
     if args.compare_model:
-        other = open_backend(argparse.Namespace(**{**vars(args), "model": args.compare_model}))
-        compared = compare_checkpoints(backend, other, saes, texts, top_n=args.top_n, **options)
-        result |= {"compare_model": args.compare_model, "top_n": args.top_n,
+        other = open_backend(args, args.compare_model)
+        compared = compare_checkpoints(backend, other, saes, texts, top_n=args.top, **options)
+        result |= {"compare_model": args.compare_model, "top_n": args.top,
                    "layers": [{"layer": layer, **row} for layer, row in compared.items()]}
         series = {"model": [r["base"] for r in result["layers"]], "compare": [r["other"] for r in result["layers"]]}
         text = "\n\n".join(f"{name}: {model}\n{_table(series[name])}" for name, model in
@@ -129,14 +148,24 @@ def run(args: argparse.Namespace) -> int:
         text += "\n\ntop-feature Jaccard: " + ", ".join(
             f"layer {r['layer']}: {r['top_feature_jaccard']:.3f}" for r in result["layers"])
     else:
-        evaluated: dict[int, LayerEval] = evaluate_sae(backend, saes, texts, **options)
+        evaluated = evaluate_sae(backend, saes, texts, **options)
         result["layers"] = [e.to_dict() for e in evaluated.values()]
         series = {"model": result["layers"]}
         text = _table(result["layers"])
     if args.plot:
         jaccard = [r["top_feature_jaccard"] for r in result["layers"]] if args.compare_model else None
         plot(series, args.plot, f"{Path(args.sae).name} on {Path(args.model).name}", jaccard)
-    if args.json:
-        atomic_write(args.json, json.dumps(result, indent=2))
-    print(text)
+    emit(args, result, text)
     return 0
+
+
+def _warn_truncation(backend, texts: list[str], max_length: int) -> None:
+    """eval-sae truncates (to ``--max-length``, at most the model's context) and says so."""
+    context = getattr(getattr(getattr(backend, "model", None), "config", None), "max_position_embeddings", None)
+    if isinstance(context, int) and max_length > context:
+        max_length = context
+    cut = sum(len(ids) > max_length for ids in backend.encode(texts))
+    if cut:
+        print(f"qscope eval-sae: warning: {cut} of {len(texts)} texts are longer than {max_length} tokens "
+              "(--max-length, at most the model's context) and are truncated", file=sys.stderr)
+    return max_length

@@ -6,12 +6,13 @@ Re-running the same command after an interruption resumes from the last complete
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-import numpy as np
-
-from .steer import add_model_arguments, emit, open_backend, open_saes, read_texts
+from ._inputs import check_sources, open_backend, open_saes, read_texts
+from ._options import (
+    UsageError, add_first_token, add_layers, add_model_options, as_usage_errors, check_context, emit, input_file, output_dir,
+    output_file, resolve_layers,
+)
 
 
 def parse_benchmark(value: str) -> tuple[str, Path]:
@@ -27,8 +28,8 @@ def add_parser(subparsers) -> None:
         help="SAE feature footprints of benchmarks (sparse, resumable store)",
         description=__doc__.split("\n\n")[0],
     )
-    add_model_arguments(p)
-    p.add_argument("--layers", type=int, nargs="+", required=True, help="decoder layers (0-based); one forward pass serves all")
+    add_model_options(p)
+    add_layers(p, required=True, help="decoder layers (one forward pass serves all)")
     p.add_argument(
         "--benchmark",
         type=parse_benchmark,
@@ -46,23 +47,51 @@ def add_parser(subparsers) -> None:
         default="last",
         help="last token (the report), any token, or all tokens with counts",
     )
-    p.add_argument("--keep-first-token", action="store_true", help="let the first token count for any/all")
+    add_first_token(p)
     p.add_argument("--overwrite", action="store_true", help="discard an existing store for these benchmarks")
     p.set_defaults(func=run)
 
 
-def _samples(path: Path) -> list:
+def _samples(path: Path, name: str) -> list:
     from ..recipes.footprints import read_jsonl
 
-    return read_jsonl(path) if path.suffix == ".jsonl" else read_texts(path)
+    flag = f"--benchmark {name}="
+    input_file(path, flag)
+    with as_usage_errors():
+        return read_jsonl(path) if path.suffix == ".jsonl" else read_texts(path, flag)
+
+
+def _check(args: argparse.Namespace) -> dict[str, list]:
+    from ..recipes.footprints import render
+
+    names = [name for name, _ in args.benchmark]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UsageError(f"benchmark {twice[0]!r} is given twice")
+    benchmarks = {name: _samples(path, name) for name, path in args.benchmark}
+    for samples in benchmarks.values():
+        with as_usage_errors():
+            render(samples, args.template, args.id_field)  # template fields and ids, before any model work
+    output_dir(args.store, "--store")
+    output_file(args.output)
+    check_sources(args, args.layers)
+    return benchmarks
 
 
 def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from ..recipes.footprints import extract_footprints
 
-    benchmarks = {name: _samples(path) for name, path in args.benchmark}
+    benchmarks = _check(args)
+    from ..recipes.footprints import render
+
     backend = open_backend(args)
-    saes = open_saes(args, backend, args.layers)
+    with as_usage_errors():
+        layers = resolve_layers(args.layers, backend.n_layers)
+        for name, samples in benchmarks.items():
+            check_context(backend, render(samples, args.template, args.id_field)[1], source=f"--benchmark {name}")
+    saes = open_saes(args, backend, layers)
     summary = {}
     for name, samples in benchmarks.items():
         store = extract_footprints(
@@ -74,16 +103,13 @@ def run(args: argparse.Namespace) -> int:
             template=args.template,
             id_field=args.id_field,
             position=args.position,
-            skip_first_token=not args.keep_first_token,
+            skip_first_token=args.skip_first_token,
             batch_size=args.batch_size,
             progress=not args.no_progress,
             overwrite=args.overwrite,
         )
         sizes = {layer: int(np.unique(store.footprints(layer).indices).size) for layer in store.config.layers}
         summary[name] = {"samples": store.config.n_samples, "directory": str(store.directory), "footprint_size": sizes}
-    if args.json:
-        emit(args, json.dumps(summary, indent=2))
-    else:
-        lines = [f"{n}: {s['samples']} samples -> {s['directory']}; |F(D)| {s['footprint_size']}" for n, s in summary.items()]
-        emit(args, "\n".join(lines))
+    lines = [f"{n}: {s['samples']} samples -> {s['directory']}; |F(D)| {s['footprint_size']}" for n, s in summary.items()]
+    emit(args, summary, "\n".join(lines))
     return 0

@@ -13,8 +13,10 @@ import io
 import json
 from pathlib import Path
 
-from scipy.stats import spearmanr
-
+from ._options import (
+    UsageError, add_json, add_layer, add_output_dir, as_usage_errors, deprecated, input_file, non_negative_int,
+    output_dir, positive_int, write_atomic,
+)
 from .footprint import parse_benchmark
 
 
@@ -35,16 +37,17 @@ def add_parser(subparsers) -> None:
         help="per-sample model scores for a benchmark (.json or long .csv; repeatable)",
     )
     p.add_argument("--control", help="benchmark to partial out of performance similarity (the report uses MMLU)")
-    p.add_argument("--n-subsets", type=int, default=100, help="random orderings per benchmark for R")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", type=Path, help="write redundancy.json, CSV tables and PNG plots here")
-    p.add_argument("--json", action="store_true", help="print the JSON result")
+    p.add_argument("--n-subsets", type=positive_int, default=100, help="random orderings per benchmark for R")
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    add_output_dir(p, "write redundancy.json, CSV tables and PNG plots here")
+    deprecated(p, "--out-dir", "--output-dir", "output_dir", type=Path)
+    add_json(p, "print the JSON result on stdout")
     p.set_defaults(func=run)
 
 
 def add_store_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", type=Path, required=True, help="footprint store directory (from qscope footprint)")
-    p.add_argument("--layer", type=int, help="stored layer to use (default: the only one, else required)")
+    add_layer(p, help="stored layer to use (default: the only one, else required)")
 
 
 def pick_layer(stores, layer: int | None) -> int:
@@ -52,10 +55,10 @@ def pick_layer(stores, layer: int | None) -> int:
     common = set.intersection(*(set(s.config.layers) for s in stores.values()))
     if layer is None:
         if len(common) != 1:
-            raise ValueError(f"the stores share layers {sorted(common)}; choose one with --layer")
+            raise UsageError(f"the stores share layers {sorted(common)}; choose one with --layer")
         return common.pop()
     if layer not in common:
-        raise ValueError(f"layer {layer} is not stored for every benchmark (shared layers: {sorted(common)})")
+        raise UsageError(f"layer {layer} is not stored for every benchmark (shared layers: {sorted(common)})")
     return layer
 
 
@@ -67,20 +70,37 @@ def _csv(rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..recipes import redundancy as rd
+def open_store_dir(root: Path, benchmarks=None) -> dict:
+    """The finished stores under ``--store`` (missing, incomplete or unknown ones are usage errors)."""
     from ..recipes.footprint_store import open_stores
-    from ..recipes.footprint_store import atomic_write
+
+    if not root.is_dir():
+        raise UsageError(f"--store {root}: no such directory")
+    with as_usage_errors():
+        return open_stores(root, benchmarks)
+
+
+def run(args: argparse.Namespace) -> int:
+    from scipy.stats import spearmanr
+
+    from ..recipes import redundancy as rd
     from ..recipes.footprints import read_scores
     from . import _eval_plots as plots
 
-    stores = open_stores(args.store, args.benchmarks)
+    output_dir(args.output_dir)
+    names_given = [name for name, _ in args.scores]
+    if len(set(names_given)) != len(names_given):
+        raise UsageError("--scores names a benchmark twice")
+    for name, path in args.scores:
+        input_file(path, f"--scores {name}=")
+    stores = open_store_dir(args.store, args.benchmarks)
     layer = pick_layer(stores, args.layer)
-    sets = {name: store.footprints(layer).sets() for name, store in stores.items()}
-    unknown = sorted({name for name, _ in args.scores} - set(stores))
+    unknown = sorted(set(names_given) - set(stores))
     if unknown:
-        raise ValueError(f"--scores names benchmarks not in the store: {', '.join(unknown)}")
-    scores = {name: read_scores(path, stores[name].config.sample_ids)[1] for name, path in args.scores}
+        raise UsageError(f"--scores names benchmarks not in the store: {', '.join(unknown)}")
+    with as_usage_errors():
+        scores = {name: read_scores(path, stores[name].config.sample_ids)[1] for name, path in args.scores}
+    sets = {name: store.footprints(layer).sets() for name, store in stores.items()}
 
     table, curves = [], {}
     for name, samples in sets.items():
@@ -108,25 +128,26 @@ def run(args: argparse.Namespace) -> int:
             "control": args.control,
         }
 
-    if args.out_dir:
-        out = args.out_dir
-        out.mkdir(parents=True, exist_ok=True)
+    if args.output_dir:
+        # every file is rendered in memory first, then each is written atomically
         overlap_rows = [{"benchmark": a, **dict(zip(names, overlap[i]))} for i, a in enumerate(names)]
         coverage_rows = [{"benchmark": n, "n": i + 1, "c_n": c} for n, cs in curves.items() for i, c in enumerate(cs)]
-        atomic_write(out / "redundancy.json", json.dumps(result, indent=2))
-        atomic_write(out / "benchmarks.csv", _csv(table))
-        atomic_write(out / "overlap.csv", _csv(overlap_rows))
-        atomic_write(out / "coverage.csv", _csv(coverage_rows))
+        files = {"redundancy.json": json.dumps(result, indent=2), "benchmarks.csv": _csv(table),
+                 "overlap.csv": _csv(overlap_rows), "coverage.csv": _csv(coverage_rows)}
         title = f"Footprint overlap (layer {layer})"
-        plots.heatmap(overlap, names, names, out / "overlap.png", title, "|F(row) & F(col)| / |F(row)|")
-        plots.curves(curves, out / "coverage.png", "Expected feature coverage c_n", "subset size n / N", "c_n")
+        files["overlap.png"] = plots.heatmap(overlap, names, names, None, title, "|F(row) & F(col)| / |F(row)|")
+        files["coverage.png"] = plots.curves(curves, None, "Expected feature coverage c_n", "subset size n / N", "c_n")
         if len(scored) >= 2:
             title = "R_hat vs R"
             if "spearman_R_hat_vs_R" in result:
                 title += f" (Spearman rho = {result['spearman_R_hat_vs_R']:.2f})"
             x, y, labels = ([r[k] for r in scored] for k in ("R", "R_hat", "benchmark"))
-            plots.scatter(x, y, labels, out / "r_hat_vs_r.png", title, "R (performance-based)", "R_hat (SAE-based)")
-    if args.json or not args.out_dir:
+            files["r_hat_vs_r.png"] = plots.scatter(x, y, labels, None, title, "R (performance-based)",
+                                                    "R_hat (SAE-based)")
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():
+            write_atomic(args.output_dir / name, data)
+    if args.json or not args.output_dir:
         print(json.dumps(result, indent=2) if args.json else _text(result))
     return 0
 

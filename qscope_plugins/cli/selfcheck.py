@@ -11,14 +11,18 @@ import argparse
 import json
 import tempfile
 
-import torch
+from ._options import UsageError, add_json, non_negative_int, positive_int
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from .. import load_sae, register
     from ..testing.sae_files import random_sae_state, write_released_layer
 
     d_model, d_sae, k = args.d_model, args.d_sae, args.k
+    if k > d_sae:
+        raise UsageError(f"--k {k} must be at most --d-sae {d_sae}")
     with tempfile.TemporaryDirectory() as tmp:
         write_released_layer(tmp, 0, random_sae_state(d_model, d_sae, seed=args.seed))
         sae = load_sae(tmp, 0, k=k)
@@ -52,9 +56,9 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("selfcheck", help="load a generated released-format SAE and recover planted features")
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--d-sae", type=int, default=4096)
-    parser.add_argument("--k", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--d-model", type=positive_int, default=256)
+    parser.add_argument("--d-sae", type=positive_int, default=4096)
+    parser.add_argument("--k", type=positive_int, default=8)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    add_json(parser, "print the result as JSON on stdout")
     parser.set_defaults(func=run)

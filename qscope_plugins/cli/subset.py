@@ -6,10 +6,12 @@ With ``--scores`` the model ranking on the chosen subset is compared with random
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from .redundancy import add_store_arguments, pick_layer
+from ._options import (
+    UsageError, add_json, add_output, as_usage_errors, emit, input_file, non_negative_int, output_file, positive_int,
+)
+from .redundancy import add_store_arguments, open_store_dir, pick_layer
 
 
 def add_parser(subparsers) -> None:
@@ -18,22 +20,26 @@ def add_parser(subparsers) -> None:
     )
     add_store_arguments(p)
     p.add_argument("--benchmark", required=True, help="benchmark name in the store")
-    p.add_argument("--n", type=int, required=True, help="number of samples to pick")
+    p.add_argument("--n", type=positive_int, required=True, help="number of samples to pick")
     p.add_argument("--scores", type=Path, help="per-sample model scores (.json or long .csv) for the ranking check")
-    p.add_argument("--n-random", type=int, default=200, help="random subsets to compare against")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", type=Path, help="write the JSON result here (atomically)")
-    p.add_argument("--json", action="store_true", help="print the JSON result")
+    p.add_argument("--n-random", type=positive_int, default=200, help="random subsets to compare against")
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    add_json(p, "print the JSON result on stdout")
+    add_output(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..recipes import redundancy as rd
-    from ..recipes.footprint_store import FootprintStore, atomic_write
     from ..recipes.footprints import read_scores
 
-    store = FootprintStore.open(args.store, args.benchmark)
+    output_file(args.output)
+    if args.scores is not None:
+        input_file(args.scores, "--scores")
+    store = open_store_dir(args.store, [args.benchmark])[args.benchmark]
     layer = pick_layer({args.benchmark: store}, args.layer)
+    if args.n > store.config.n_samples:
+        raise UsageError(f"--n {args.n} is more than the {store.config.n_samples} samples of {args.benchmark}")
     selection = rd.greedy_max_coverage(store.footprints(layer).sets(), args.n)
     ids = store.config.sample_ids
     result = {
@@ -44,14 +50,11 @@ def run(args: argparse.Namespace) -> int:
         "coverage": selection.coverage.tolist(),
     }
     if args.scores:
-        _, scores = read_scores(args.scores, ids)
+        with as_usage_errors():
+            _, scores = read_scores(args.scores, ids)
         ranking = rd.compare_ranking(scores, selection.indices, n_random=args.n_random, seed=args.seed)
         result["ranking"] = dict(ranking.__dict__)
-    text = json.dumps(result, indent=2)
-    if args.output:
-        atomic_write(args.output, text + "\n")
-    if args.json or not args.output:
-        print(text if args.json else _summary(result))
+    emit(args, result, _summary(result))
     return 0
 
 

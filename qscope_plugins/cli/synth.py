@@ -11,14 +11,13 @@ at the same budget. Prints the coverage before and after (``--json``: one JSON s
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import replace
 from pathlib import Path
 
 from .coverage import (
-    add_coverage_arguments, measure, open_model, read_examples, read_inputs, relevance, text_generator,
+    add_coverage_arguments, check_lengths, measure, open_model, read_examples, read_inputs, relevance, text_generator,
 )
-from .steer import emit
+from ._options import UsageError, emit, non_negative_int, output_file, positive_int
 
 
 def add_parser(subparsers) -> None:
@@ -28,13 +27,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--synthetic", type=Path, help="JSONL file the examples are appended to (required unless --dry-run)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run with the same settings")
     p.add_argument("--dry-run", action="store_true", help="show the targets and requests, generate and write nothing")
-    p.add_argument("--budget", type=int, default=100, help="examples in the output at most")
-    p.add_argument("--per-feature", type=int, default=1, help="verified examples wanted per target")
-    p.add_argument("--max-rounds", type=int, default=3, help="generation rounds per target at most")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--budget", type=positive_int, default=100, help="examples in the output at most")
+    p.add_argument("--per-feature", type=positive_int, default=1, help="verified examples wanted per target")
+    p.add_argument("--max-rounds", type=positive_int, default=3, help="generation rounds per target at most")
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--missing-only", action="store_true", help="skip weakly covered targets")
     p.add_argument("--corpus", help="texts to mine top-activating contexts from (one per line or .jsonl)")
-    p.add_argument("--contexts", type=int, default=5, help="contexts per feature")
+    p.add_argument("--contexts", type=positive_int, default=5, help="contexts per feature")
     p.add_argument("--generator", choices=("llm", "contexts"), default="llm",
                    help="llm: a text-generation model writes prompts, rewrites and responses; "
                         "contexts: prompts are the mined contexts themselves (offline, no model)")
@@ -42,7 +41,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--styles", default=",".join(_styles()), help="adversarial rewrite styles, comma-separated ('' for none)")
     p.add_argument("--no-responses", action="store_true", help="prompts only (no refusing/helpful response)")
     p.add_argument("--explain", action="store_true", help="generate missing explanations from the contexts")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="per generator call")
+    p.add_argument("--max-new-tokens", type=positive_int, default=128, help="per generator call")
     p.add_argument("--baseline", type=Path, help="also write the random-synthesis baseline (same budget) here")
     p.set_defaults(func=run)
 
@@ -55,14 +54,24 @@ def _styles() -> list[str]:
 
 def _check(args: argparse.Namespace) -> None:
     if not args.dry_run and args.synthetic is None:
-        raise ValueError("give --synthetic OUT.jsonl (or --dry-run)")
+        raise UsageError("give --synthetic OUT.jsonl (or --dry-run)")
     if args.generator == "contexts" and not args.corpus:
-        raise ValueError("--generator contexts needs --corpus to mine contexts from")
+        raise UsageError("--generator contexts needs --corpus to mine contexts from")
     if not args.dry_run and (args.generator == "llm" or args.explain) and not args.generator_model:
-        raise ValueError("--generator llm and --explain need --generator-model")
+        raise UsageError("--generator llm and --explain need --generator-model")
     unknown = set(filter(None, args.styles.split(","))) - set(_styles())
     if unknown:
-        raise ValueError(f"unknown style {sorted(unknown)[0]!r}; choose from {', '.join(_styles())}")
+        raise UsageError(f"unknown style {sorted(unknown)[0]!r}; choose from {', '.join(_styles())}")
+    if not args.dry_run:
+        output_file(args.synthetic, "--synthetic")
+        output_file(args.baseline, "--baseline")
+        if args.synthetic is not None and args.baseline is not None and \
+                args.synthetic.expanduser().resolve() == args.baseline.expanduser().resolve():
+            raise UsageError("--synthetic and --baseline must be different files")
+        for flag, path in (("--synthetic", args.synthetic), ("--baseline", args.baseline)):
+            state = path.with_name(path.name + ".state.json") if path is not None else None
+            if path is not None and not args.resume and (path.exists() or state.exists()):
+                raise UsageError(f"{flag} {path} exists; resume it (qscope synth --resume) or choose another output")
 
 
 def _generators(args: argparse.Namespace, complete):
@@ -81,11 +90,11 @@ def run(args: argparse.Namespace) -> int:
 
     _check(args)
     targets, examples = read_inputs(args)
-    corpus = [example_text(e) for e in read_examples(args.corpus)] if args.corpus else []
+    corpus = [example_text(e) for e in read_examples(args.corpus, "--corpus")] if args.corpus else []
     scores = relevance(args, targets)
     backend, saes, render = open_model(args, targets)
 
-    seed = [example_text(e, render) for e in examples]
+    seed = check_lengths(backend, [example_text(e, render) for e in examples], args.data)
     seed_support = measure(args, backend, saes, seed, targets)
 
     def coverage(added=()):
@@ -122,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         lines = _synthesise(args, backend, saes, render, wanted, contexts, _generators(args, complete), seed, corpus,
                             coverage, summary)
     except FileExistsError as err:
-        raise ValueError(str(err)) from None
+        raise UsageError(str(err)) from None
     return emit_summary(args, summary, "\n".join([f"before: {before.summary()}", *lines]))
 
 
@@ -134,7 +143,7 @@ def _synthesise(args, backend, saes, render, wanted, contexts, generators, seed,
     options = dict(render=render, seed=args.seed, exclude=seed, resume=args.resume, progress=not args.no_progress)
     result = synthesize(backend, saes, wanted, args.synthetic, generators, budget=args.budget,
                         per_feature=args.per_feature, max_rounds=args.max_rounds, contexts=contexts,
-                        skip_first_token=not args.keep_first, batch_size=args.batch_size, **options)
+                        skip_first_token=args.skip_first_token, batch_size=args.batch_size, **options)
     after = coverage([example_text(r, render) for r in read_synthetic(args.synthetic)])
     summary |= {"after": after.to_dict(), "synthetic": str(args.synthetic), "added": result.added,
                 "total": result.total, "generated": result.generated, "unfilled": [list(k) for k in result.unfilled]}
@@ -152,5 +161,5 @@ def _synthesise(args, backend, saes, render, wanted, contexts, generators, seed,
 
 def emit_summary(args: argparse.Namespace, summary: dict, text: str) -> int:
     """Print (or ``--output``) the JSON summary with ``--json``, else the text lines; the exit status."""
-    emit(args, json.dumps(summary, ensure_ascii=False) if args.json else text)
+    emit(args, summary, text)
     return 0

@@ -8,6 +8,7 @@ and nothing is copied until the caller decides the target device and dtype.
 
 from __future__ import annotations
 
+import numbers
 import pickle
 from pathlib import Path
 
@@ -18,6 +19,16 @@ KEYS = ("W_enc", "W_dec", "b_enc", "b_dec")
 
 class SAEFormatError(ValueError):
     """A file is not a valid Qwen-Scope SAE layer; the message names the file and the key."""
+
+
+def as_index(value, name: str) -> int:
+    """``value`` as a plain int: Python and NumPy integers (and 0-d integer tensors) pass; bools, floats do not."""
+    if isinstance(value, torch.Tensor) and value.ndim == 0 and not value.is_floating_point() \
+            and value.dtype != torch.bool:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    return int(value)
 
 
 def read_layer_file(path: str | Path) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ import torch
 from ..catalog import LAYER_FILE, SAEGroup, find_group, parse_repo_name
 from ._mmap import cast, check_layout, materialize
 from .features import FeatureSubset, subset_from_rows
-from .format import SAEFormatError, check_finite, check_shapes, read_layer_file
+from .format import SAEFormatError, as_index, check_finite, check_shapes, read_layer_file
 from .topk import QwenScopeSAE, make_config
 
 CONVERTED_WEIGHTS = "sae_weights.safetensors"
@@ -60,18 +60,20 @@ def _snapshot_revision(path: Path) -> str | None:
     return parts[parts.index("snapshots") + 1] if "snapshots" in parts[:-1] else None
 
 
-def _check_layer(group: SAEGroup | None, layer: int) -> None:
-    if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
+def _check_layer(group: SAEGroup | None, layer: int) -> int:
+    layer = as_index(layer, "layer")
+    if layer < 0:
         raise ValueError(f"layer must be a non-negative int, got {layer!r}")
     if group is not None and layer >= group.n_layers:
         raise ValueError(f"layer {layer} out of range for {group.repo_id} (layers 0-{group.n_layers - 1})")
+    return layer
 
 
 def resolve(source: str | os.PathLike, layer: int, revision: str | None = None) -> ResolvedSource:
     """Find the file for ``layer`` of ``source`` (see :func:`load_sae`)."""
     text = os.fspath(source)
     group = find_group(text)
-    _check_layer(group, layer)
+    layer = _check_layer(group, layer)
     if group is not None:
         path = hub_file(group.repo_id, group.filename(layer), revision)
         return ResolvedSource(path, layer, False, group, group.repo_id, _snapshot_revision(path), (group.d_sae, group.k))
@@ -123,13 +125,42 @@ def _read_sidecar(directory: Path) -> dict:
         raise FileNotFoundError(f"{directory}: converted SAE directory without {CONVERTED_CONFIG}") from None
     except json.JSONDecodeError as err:
         raise SAEFormatError(f"{cfg_path}: not valid JSON: {err}") from None
+    except (UnicodeDecodeError, IsADirectoryError) as err:
+        raise SAEFormatError(f"{cfg_path}: not a JSON text file: {err}") from None
+    return check_sidecar(sidecar, cfg_path)
+
+
+def check_sidecar(sidecar, cfg_path) -> dict:
+    """The converted sidecar's fields: an object with positive int ``d_in``, ``d_sae``, ``k <= d_sae``, and a
+    ``qscope`` section (when present) that agrees with them."""
+    if not isinstance(sidecar, dict):
+        raise SAEFormatError(f"{cfg_path}: expected a JSON object, got {type(sidecar).__name__}")
     missing = [key for key in ("d_in", "d_sae", "k") if key not in sidecar]
     if missing:
         raise SAEFormatError(f"{cfg_path}: missing key {missing[0]!r}")
+    for key in ("d_in", "d_sae", "k"):
+        value = sidecar[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SAEFormatError(f"{cfg_path}: key {key!r} must be a positive integer, got {value!r}")
+    if sidecar["k"] > sidecar["d_sae"]:
+        raise SAEFormatError(f"{cfg_path}: k={sidecar['k']} is larger than d_sae={sidecar['d_sae']}")
+    info = sidecar.get("qscope", {})
+    if not isinstance(info, dict):
+        raise SAEFormatError(f"{cfg_path}: key 'qscope' must be an object, got {type(info).__name__}")
+    for key, top in (("d_model", "d_in"), ("d_sae", "d_sae"), ("k", "k")):
+        if key in info and info[key] != sidecar[top]:
+            raise SAEFormatError(f"{cfg_path}: qscope.{key}={info[key]!r} disagrees with {top}={sidecar[top]!r}")
+    recorded = info.get("weights_sha256")
+    if recorded is not None and not (isinstance(recorded, str) and len(recorded) == 64):
+        raise SAEFormatError(f"{cfg_path}: qscope.weights_sha256 must be a hex sha256 string, got {recorded!r}")
+    if "metadata" in sidecar and not isinstance(sidecar["metadata"], dict):
+        raise SAEFormatError(f"{cfg_path}: key 'metadata' must be an object")
     return sidecar
 
 
 def _pick_k(resolved: ResolvedSource, k: int | None, d_sae: int) -> int:
+    if k is not None:
+        k = as_index(k, "k")
     if k is None:
         if resolved.name_hint is None:
             raise ValueError(
@@ -178,12 +209,24 @@ def load_sae(
     defaults to the stored precision (float32 for released files). With ``features=[...]`` only those
     features' encoder rows and decoder columns are read, and a :class:`FeatureSubset` is
     returned (Top-k itself needs the full encoder, so it cannot encode).
+
+    Arguments are checked before any file is read: ``layer`` and ``k`` are ints (NumPy integers
+    pass; bools and floats raise ``TypeError``), ``features`` a non-empty flat list of distinct
+    int ids. Every tensor read is checked finite (subsets: their rows and both biases). A
+    converted sidecar must agree with itself and with the weights' shapes, and a full load
+    checks the weights' sha256 against the sidecar's record (once per file version and process).
     """
+    if k is not None:
+        k = as_index(k, "k")
+        if k < 1:
+            raise ValueError(f"k must be a positive int, got {k}")
+    ids = None if features is None else feature_ids(features)
     resolved = resolve(source, layer, revision)
+    layer = resolved.layer
     device = torch.device(device)
     target = parse_dtype(dtype) if dtype is not None else None
     if resolved.converted:
-        return _load_converted(resolved, k=k, device=device, dtype=target, relu=relu, features=features)
+        return _load_converted(resolved, k=k, device=device, dtype=target, relu=relu, ids=ids)
     state = read_layer_file(resolved.path)
     check_layout(state, resolved.path)
     expect = resolved.group
@@ -194,11 +237,14 @@ def load_sae(
     )
     k = _pick_k(resolved, k, d_sae)
     target = target or state["W_enc"].dtype
-    if features is not None:
-        ids = _feature_ids(features, d_sae, resolved)
+    if ids is not None:
+        ids = _feature_ids(ids, d_sae, resolved)
         rows_enc = _validated_rows(state["W_enc"], ids, d_sae, resolved, "W_enc")
         rows_dec = _validated_rows(state["W_dec"].T, ids, d_sae, resolved, "W_dec")
-        parts = _cast_all({"W_enc": rows_enc, "W_dec": rows_dec, "b_enc": state["b_enc"][ids], "b_dec": state["b_dec"]},
+        b_enc, b_dec = state["b_enc"][ids], state["b_dec"]
+        check_finite(b_enc, str(resolved.path), "b_enc")
+        check_finite(b_dec, str(resolved.path), "b_dec")
+        parts = _cast_all({"W_enc": rows_enc, "W_dec": rows_dec, "b_enc": b_enc, "b_dec": b_dec},
                           target, str(resolved.path))
         return subset_from_rows(ids, parts["W_enc"], parts["W_dec"], parts["b_enc"], parts["b_dec"],
                                 _metadata(resolved), device=device, dtype=target)
@@ -239,6 +285,27 @@ def _cast_all(tensors: dict[str, torch.Tensor], dtype: torch.dtype, source: str)
     return {key: cast(value, device=value.device, dtype=dtype, source=source, key=key) for key, value in tensors.items()}
 
 
+def feature_ids(features) -> torch.Tensor:
+    """``features`` (a non-empty flat list of ints: Python, NumPy or an integer tensor) as a long tensor."""
+    if isinstance(features, torch.Tensor):
+        if features.is_floating_point() or features.dtype == torch.bool or features.is_complex():
+            raise TypeError(f"features must hold integer ids, got a {features.dtype} tensor")
+        if features.ndim != 1:
+            raise ValueError(f"features must be a flat list of ids, got a tensor of shape {tuple(features.shape)}")
+        items = features.tolist()
+    elif isinstance(features, (str, bytes)) or not hasattr(features, "__iter__"):
+        raise TypeError(f"features must be a list of int feature ids, got {type(features).__name__}")
+    else:
+        items = [as_index(f, "feature id") if not isinstance(f, (list, tuple)) else _nested(f) for f in features]
+    if not items:
+        raise ValueError("features is empty: pass at least one feature id (or features=None for the full SAE)")
+    return torch.tensor(items, dtype=torch.long)  # range and repeats are checked against d_sae (_feature_ids)
+
+
+def _nested(value):
+    raise TypeError(f"features must be a flat list of ids, got a nested {type(value).__name__} {value!r}")
+
+
 def _validated_rows(matrix: torch.Tensor, ids: torch.Tensor, d_sae: int, resolved: ResolvedSource, key: str) -> torch.Tensor:
     bad = ids[(ids < 0) | (ids >= d_sae)]
     if bad.numel():
@@ -256,29 +323,64 @@ def _metadata(resolved: ResolvedSource) -> dict:
     }
 
 
-def _load_converted(resolved, *, k, device, dtype, relu, features):
+def _open_safetensors(name: str):
     from safetensors import safe_open
 
+    try:
+        return safe_open(name, framework="pt")
+    except Exception as err:  # SafetensorError (corrupt header, truncated file) is not an OSError subclass
+        raise SAEFormatError(f"{name}: not a readable safetensors file (corrupt or truncated?): {err}") from None
+
+
+_VERIFIED: dict[tuple, str] = {}
+
+
+def check_weights_hash(resolved: ResolvedSource) -> None:
+    """The weights file must still hash to the sidecar's ``qscope.weights_sha256`` (once per file version)."""
+    recorded = resolved.sidecar.get("qscope", {}).get("weights_sha256")
+    if recorded is None:
+        return
+    import hashlib
+
+    stat = resolved.path.stat()
+    key = (str(resolved.path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    if key not in _VERIFIED:
+        digest = hashlib.sha256()
+        with open(resolved.path, "rb") as handle:
+            while block := handle.read(16 << 20):
+                digest.update(block)
+        _VERIFIED[key] = digest.hexdigest()
+    if _VERIFIED[key] != recorded:
+        raise SAEFormatError(
+            f"{resolved.path}: sha256 {_VERIFIED[key][:12]}... does not match the {CONVERTED_CONFIG} record "
+            f"{recorded[:12]}... (the weights changed after conversion; re-run qscope convert)"
+        )
+
+
+def _load_converted(resolved, *, k, device, dtype, relu, ids):
     sidecar = resolved.sidecar
     d_model, d_sae = sidecar["d_in"], sidecar["d_sae"]
     k = _pick_k(resolved, k, d_sae)
     name = str(resolved.path)
     if not resolved.path.exists():
         raise FileNotFoundError(f"{resolved.path.parent}: converted SAE directory without {CONVERTED_WEIGHTS}")
-    with safe_open(name, framework="pt") as handle:
+    if ids is None:  # a full load reads every byte anyway; a feature subset reads a few rows and is not hashed
+        check_weights_hash(resolved)
+    with _open_safetensors(name) as handle:
         shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
         want = {"W_enc": (d_model, d_sae), "W_dec": (d_sae, d_model), "b_enc": (d_sae,), "b_dec": (d_model,)}
         for key, shape in want.items():
             if shapes.get(key) != shape:
                 raise SAEFormatError(f"{name}: key {key!r} has shape {shapes.get(key)}, expected {shape}")
-        if features is not None:
-            ids = _feature_ids(features, d_sae, resolved)
+        if ids is not None:
+            ids = _feature_ids(ids, d_sae, resolved)
             enc, dec = handle.get_slice("W_enc"), handle.get_slice("W_dec")
             rows_enc = torch.stack([enc[:, j] for j in ids.tolist()]) if len(ids) else torch.empty(0, d_model)
             rows_dec = torch.cat([dec[j : j + 1] for j in ids.tolist()]) if len(ids) else torch.empty(0, d_model)
             b_enc = handle.get_slice("b_enc")[:][ids]
+            b_dec = handle.get_tensor("b_dec")
             dtype = dtype or rows_enc.dtype
-            for key, value in (("W_enc", rows_enc), ("W_dec", rows_dec)):
+            for key, value in (("W_enc", rows_enc), ("W_dec", rows_dec), ("b_enc", b_enc), ("b_dec", b_dec)):
                 check_finite(value, name, key)
             parts = _cast_all({"W_enc": rows_enc, "W_dec": rows_dec, "b_enc": b_enc, "b_dec": handle.get_tensor("b_dec")},
                               dtype, name)

@@ -203,8 +203,14 @@ def make_config(
     from sae_lens.saes.sae import SAEMetadata
     from sae_lens.util import dtype_to_str
 
+    from .format import as_index
+
+    k = as_index(k, "k")
+    if k < 1:
+        raise ValueError(f"k must be a positive int, got {k}")
     if k > d_sae:
         raise ValueError(f"k={k} exceeds d_sae={d_sae}")
+    layer = None if layer is None else as_index(layer, "layer")
     meta = {
         "model_name": model_name,
         "hook_name": f"blocks.{layer}.hook_resid_post" if layer is not None else None,
