@@ -16,6 +16,9 @@ the text adapter:
 Passing ``architectures`` in ``hf_config_overrides`` yourself turns this off for that call.
 Only the public ``boot_transformers`` signature is used, and nothing from
 ``HookedTransformer``, so this also runs on TransformerLens 4.x.
+
+:func:`register` also installs :mod:`._compat`, the version-guarded workarounds that keep the
+bridge's own attention / Gated DeltaNet code working on newer transformers releases.
 """
 
 from __future__ import annotations
