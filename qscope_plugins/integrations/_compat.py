@@ -14,6 +14,7 @@ Every workaround here is
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 from collections.abc import Callable
@@ -57,6 +58,7 @@ def _cache_kwarg_renamed() -> bool:
 
 
 def _attention_sees_cache(original: Callable) -> Callable:
+    @functools.wraps(original)
     def _update_kv_cache(self, k, v, **kwargs):
         cache = kwargs.get("cache")
         if cache is not None and kwargs.get("past_key_values") is None and kwargs.get("layer_past") is None:
@@ -68,6 +70,7 @@ def _attention_sees_cache(original: Callable) -> Callable:
 
 
 def _gated_delta_net_sees_cache(original: Callable) -> Callable:
+    @functools.wraps(original)
     def forward(self, *args, **kwargs):
         if (
             kwargs.get("cache") is not None
@@ -105,6 +108,7 @@ def _legacy_kernels(hf: Any) -> dict[str, Callable]:
 
 
 def _gated_delta_net_kernels(original: Callable) -> Callable:
+    @functools.wraps(original)
     def _hooked_forward(self, *args, **kwargs):
         hf = self.original_component
         added: list[str] = []
