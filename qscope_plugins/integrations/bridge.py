@@ -16,6 +16,9 @@ the text adapter:
 Passing ``architectures`` in ``hf_config_overrides`` yourself turns this off for that call.
 Only the public ``boot_transformers`` signature is used, and nothing from
 ``HookedTransformer``, so this also runs on TransformerLens 4.x.
+
+:func:`register` also installs :mod:`._compat`, the version-guarded workarounds that keep the
+bridge's own attention / Gated DeltaNet code working on newer transformers releases.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from ..models import architecture_of
 from ..models._hf import TEXT_ARCHITECTURE, find_hf_config
+from . import _compat
 
 _ORIGINAL: dict[str, Any] = {}
 
@@ -65,7 +69,8 @@ def _text_only_arguments(arguments: dict[str, Any]) -> None:
 
 
 def register() -> list[str]:
-    """Wrap ``TransformerBridge.boot_transformers`` once; return what is routed text-only.
+    """Wrap ``TransformerBridge.boot_transformers`` once; return what is routed text-only, and the
+    upstream workarounds (:mod:`._compat`) that apply to the installed versions.
 
     TransformerLens installs ``boot_transformers`` as a staticmethod (3.9) or classmethod;
     the wrapper keeps whichever kind it finds.
@@ -83,4 +88,5 @@ def register() -> list[str]:
 
         _ORIGINAL["boot_transformers"] = raw
         TransformerBridge.boot_transformers = type(raw)(boot_transformers)
-    return [f"TransformerBridge:{mm}->{text}" for mm, text in TEXT_ARCHITECTURE.items()]
+    routed = [f"TransformerBridge:{mm}->{text}" for mm, text in TEXT_ARCHITECTURE.items()]
+    return routed + [f"workaround:{name}" for name in _compat.apply()]
