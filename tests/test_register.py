@@ -36,12 +36,9 @@ def probe():
     out = {"imported": sorted(m for m in ("sae_lens", "transformer_lens", "nnsight", "torch") if m in sys.modules)}
     if "sae_lens" in sys.modules:
         from sae_lens.loading.pretrained_sae_loaders import NAMED_PRETRAINED_SAE_LOADERS
-        from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
         release = qscope_plugins.GROUPS[0].release
-        out["saelens"] = [
-            "qscope" in NAMED_PRETRAINED_SAE_LOADERS,
-            getattr(get_pretrained_saes_directory().get(release), "conversion_func", None),
-        ]
+        directory = sys.modules["sae_lens.saes.sae"].get_pretrained_saes_directory()  # SAE.from_pretrained's
+        out["saelens"] = ["qscope" in NAMED_PRETRAINED_SAE_LOADERS, getattr(directory.get(release), "conversion_func", None)]
         out["add_sae_checked"] = hasattr(sys.modules["sae_lens"].HookedSAETransformer.add_sae, "__wrapped__")
     if "transformer_lens" in sys.modules:
         from transformer_lens import HookedTransformer
@@ -75,7 +72,9 @@ def test_import_loads_no_framework_and_each_registers_on_first_import_tl_first()
         import transformer_lens.model_bridge  # a submodule first; SAELens not imported by this
         steps.append(probe())
         from sae_lens import SAE  # SAELens after TransformerLens: its own patch, and add_sae's
-        steps.append(probe())
+        from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+        parsed = get_pretrained_saes_directory.cache_info().currsize  # its 1.5 MB YAML: not read yet
+        steps.append({**probe(), "parsed_at_import": parsed})
         import nnsight
         steps.append(probe())
         print(json.dumps(steps))
@@ -87,6 +86,7 @@ def test_import_loads_no_framework_and_each_registers_on_first_import_tl_first()
         "state": {"sae_lens": "not imported", "transformer_lens": "registered", "nnsight": "not imported"},
     }
     assert out[2]["saelens"] == [True, "qscope"] and out[2]["add_sae_checked"] is True
+    assert out[2]["parsed_at_import"] == 0
     assert out[2]["state"] == {"sae_lens": "registered", "transformer_lens": "registered", "nnsight": "not imported"}
     assert out[3]["nnsight_guard"] is True
     assert out[3]["state"] == dict.fromkeys(FRAMEWORKS, "registered")
