@@ -376,6 +376,11 @@ def registration_status() -> dict[str, FrameworkStatus]:
     return REGISTRY.status()
 
 
+def registered(integration: str) -> bool:
+    """Whether the integration named ``integration`` (``INTEGRATIONS``) has registered in this process."""
+    return any(i.name == integration and i.state == "registered" for i in REGISTRY.integrations)
+
+
 def activate() -> None:
     """What ``import qscope_plugins`` does: register with what is imported, hook the rest."""
     REGISTRY.install_hook()

@@ -148,6 +148,7 @@ def test_version_outside_the_window_warns_once_and_patches_nothing():
     assert out["again"] == []
     assert out["status"] == ["6.99.0", False, "refused", reason]
     assert out["saelens"][0] is False and out["saelens"][1] != "qscope"  # no converter, releases untouched
+    assert out["add_sae_checked"] is False  # TransformerLens's integration leaves SAELens alone too
     assert out["hooked"] is True and out["state"]["transformer_lens"] == "registered"
 
 

@@ -198,10 +198,13 @@ def _warn_if_residual_changed(model, sae) -> None:
 
 
 def _patch_add_sae() -> None:
-    # Only once SAELens is imported (registration runs again then): importing it here would
-    # make `import transformer_lens` pay for SAELens too.
+    # Only once SAELens is imported and registered (registration runs again then): importing it
+    # here would make `import transformer_lens` pay for SAELens, and a SAELens outside its tested
+    # window is not patched at all.
+    from .._register import registered
+
     HookedSAETransformer = getattr(sys.modules.get("sae_lens"), "HookedSAETransformer", None)
-    if HookedSAETransformer is None:
+    if HookedSAETransformer is None or not registered("saelens"):
         return
     original = HookedSAETransformer.add_sae
     _ORIGINAL["add_sae"] = original
