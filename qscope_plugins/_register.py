@@ -60,7 +60,8 @@ class FrameworkStatus:
     - ``imported``: whether the framework is imported in this process (registration happens then).
     - ``state``: ``"not installed"``, ``"not imported"`` (installed; registers on first import),
       ``"registered"``, ``"refused"`` (outside the window: not patched) or ``"failed"``.
-    - ``registered``: ``{integration module: [what it registered]}`` for the integrations that ran.
+    - ``registered``: ``{integration name: [what it registered]}`` (``INTEGRATIONS`` names:
+      ``transformer_lens`` has two, ``transformer_lens`` and ``bridge``), for those that registered.
     - ``error``: the reason given in the :class:`RegistrationWarning`, ``None`` when there was none.
     """
 

@@ -135,6 +135,8 @@ def test_version_outside_the_window_warns_once_and_patches_nothing():
         import qscope_plugins
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
+            # Our own integration module first: it imports TransformerLens itself (registered once it is complete).
+            from qscope_plugins.integrations import transformer_lens
             from sae_lens import SAE
             again = qscope_plugins.register()["saelens"]
         status = qscope_plugins.registration_status()["sae_lens"]
