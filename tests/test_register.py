@@ -6,6 +6,7 @@ Import state is per process, so every ordering runs in a fresh subprocess that p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -252,6 +253,8 @@ def test_this_process_registered_everything_without_a_warning():
     assert HookedTransformer.from_pretrained.__func__ is tl_integration._from_pretrained
     assert RequestModel.serialize.__func__._qscope_request_check is True
     assert status["sae_lens"].version == _versions.installed("sae-lens")
+    plain = json.loads(json.dumps({k: dataclasses.asdict(v) for k, v in status.items()}))  # what `qscope doctor` reads
+    assert plain["nnsight"]["registered"]["nnsight"] and plain["transformer_lens"]["window"] == ">=3.9,<4"
 
 
 def test_explicit_register_is_idempotent_and_the_hook_is_one():
