@@ -1,10 +1,14 @@
 """qscope-plugins: Qwen-Scope SAEs and Qwen3 / Qwen3.5 models in TransformerLens, SAELens and nnsight.
 
-Importing the package registers everything with whichever frameworks are installed
-(idempotently); :func:`register` does the same explicitly and says what it registered.
+Importing the package imports no framework (and not torch): it registers with each installed
+framework as soon as that framework is imported, before or after this package, and warns with a
+:class:`RegistrationWarning` when one cannot be registered (see ``_register``).
+:func:`register` imports and registers every installed framework explicitly and says what it
+registered; :func:`registration_status` says where each framework stands.
 """
 
-from ._register import register
+from . import _register
+from ._register import FrameworkStatus, RegistrationWarning, register, registration_status
 from .catalog import GROUPS, SAEGroup, find_group, get_group
 
 # The SAE class subclasses SAELens's TopKSAE; importing it lazily keeps `qscope_plugins.remote`
@@ -24,7 +28,9 @@ __version__ = "0.1.0"
 __all__ = [
     "GROUPS",
     "FeatureSubset",
+    "FrameworkStatus",
     "QwenScopeSAE",
+    "RegistrationWarning",
     "SAEFormatError",
     "SAEGroup",
     "TopKCodes",
@@ -32,6 +38,7 @@ __all__ = [
     "get_group",
     "load_sae",
     "register",
+    "registration_status",
 ]
 
-register()
+_register.activate()

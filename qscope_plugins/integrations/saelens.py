@@ -8,6 +8,7 @@ copy of the file in memory, correct Qwen3.5 module path) and returns a ``QwenSco
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import replace
 from typing import Any
 
@@ -71,17 +72,8 @@ def qscope_config(
     return {**cfg.to_dict(), **(cfg_overrides or {})}
 
 
-def register() -> list[str]:
-    """Register the SAE class, the ``qscope`` converter and all 14 releases; idempotent."""
-    done: list[str] = []
-    if ARCHITECTURE not in SAE_CLASS_REGISTRY:
-        register_sae_class(ARCHITECTURE, QwenScopeSAE, QwenScopeSAEConfig)
-        done.append(f"sae class {ARCHITECTURE}")
-    if loaders.NAMED_PRETRAINED_SAE_LOADERS.get(CONVERTER) is not qscope_loader:
-        loaders.NAMED_PRETRAINED_SAE_LOADERS[CONVERTER] = qscope_loader
-        loaders.NAMED_PRETRAINED_SAE_CONFIG_GETTERS[CONVERTER] = qscope_config
-        done.append(f"converter {CONVERTER}")
-    directory = get_pretrained_saes_directory()
+def _add_releases(directory: dict[str, PretrainedSAELookup]) -> list[str]:
+    done = []
     for group in GROUPS:
         entry = directory.get(group.release)
         if entry is not None and entry.conversion_func == CONVERTER:
@@ -95,4 +87,52 @@ def register() -> list[str]:
             )
         directory[group.release] = replace(entry, conversion_func=CONVERTER)
         done.append(f"release {group.release}")
+    return done
+
+
+def _directory_with_releases() -> dict[str, PretrainedSAELookup]:
+    directory = get_pretrained_saes_directory()  # SAELens's own, cached: parsed once
+    _add_releases(directory)
+    return directory
+
+
+def _defer_releases() -> bool:
+    """Add the releases when SAELens first reads its directory, not now; True if newly arranged.
+
+    SAELens parses its 1.5 MB ``pretrained_saes.yaml`` on first use (seconds); registering the
+    releases eagerly would charge that to every ``import sae_lens``. Its modules call
+    ``get_pretrained_saes_directory`` by name, so each name bound to it points at a wrapper that
+    adds the releases to SAELens's cached dict (the one every caller shares).
+    """
+    _directory_with_releases.cache_info = get_pretrained_saes_directory.cache_info
+    _directory_with_releases.cache_clear = get_pretrained_saes_directory.cache_clear
+    changed = False
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] == "sae_lens" and vars(module).get("get_pretrained_saes_directory") is (
+            get_pretrained_saes_directory
+        ):
+            module.get_pretrained_saes_directory = _directory_with_releases
+            changed = True
+    return changed
+
+
+def register() -> list[str]:
+    """Register the SAE class, the ``qscope`` converter and all 14 releases; idempotent.
+
+    The releases join SAELens's directory when SAELens first reads it, or now if it already has
+    (then each ``"release <name>"`` added is listed).
+    """
+    done: list[str] = []
+    if ARCHITECTURE not in SAE_CLASS_REGISTRY:
+        register_sae_class(ARCHITECTURE, QwenScopeSAE, QwenScopeSAEConfig)
+        done.append(f"sae class {ARCHITECTURE}")
+    if loaders.NAMED_PRETRAINED_SAE_LOADERS.get(CONVERTER) is not qscope_loader:
+        loaders.NAMED_PRETRAINED_SAE_LOADERS[CONVERTER] = qscope_loader
+        loaders.NAMED_PRETRAINED_SAE_CONFIG_GETTERS[CONVERTER] = qscope_config
+        done.append(f"converter {CONVERTER}")
+    cache_info = getattr(get_pretrained_saes_directory, "cache_info", None)
+    if cache_info is None or cache_info().currsize:
+        done += _add_releases(get_pretrained_saes_directory())
+    elif _defer_releases():
+        done.append(f"{len(GROUPS)} releases, added when SAELens first reads its directory")
     return done

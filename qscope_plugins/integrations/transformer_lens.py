@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import importlib
 import inspect
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,9 +198,13 @@ def _warn_if_residual_changed(model, sae) -> None:
 
 
 def _patch_add_sae() -> None:
-    try:
-        from sae_lens import HookedSAETransformer
-    except ModuleNotFoundError:
+    # Only once SAELens is imported and registered (registration runs again then): importing it
+    # here would make `import transformer_lens` pay for SAELens, and a SAELens outside its tested
+    # window is not patched at all.
+    from .._register import registered
+
+    HookedSAETransformer = getattr(sys.modules.get("sae_lens"), "HookedSAETransformer", None)
+    if HookedSAETransformer is None or not registered("saelens"):
         return
     original = HookedSAETransformer.add_sae
     _ORIGINAL["add_sae"] = original
@@ -224,5 +229,6 @@ def register() -> list[str]:
         _HT_MODULE.TransformerBlock = _make_block
         _ORIGINAL["load_and_process_state_dict"] = HookedTransformer.load_and_process_state_dict
         HookedTransformer.load_and_process_state_dict = _load_and_process_state_dict
+    if "add_sae" not in _ORIGINAL:
         _patch_add_sae()
     return [f"HookedTransformer:{arch}" for arch in available_architectures()]
