@@ -5,6 +5,10 @@ while the mapping lives. Converting a layer file (transpose, dtype cast, device 
 walks it in blocks and tells the kernel to drop each source block once copied
 (``madvise(MADV_DONTNEED)``: the pages are clean file pages, so they are re-read from disk if
 ever touched again). Peak extra memory is then the output plus one block, not output + source.
+
+The result always owns its memory, even when no conversion is needed: a tensor left backed
+by the mapping would change when the file is rewritten in place and raise SIGBUS when the
+file is truncated (SAELens users expect a loaded SAE to be independent of its file).
 """
 
 from __future__ import annotations
@@ -52,15 +56,11 @@ def materialize(
     source: str,
     key: str,
 ) -> torch.Tensor:
-    """Return ``src`` (or ``src.T``) on ``device`` in ``dtype``, contiguous, checked finite.
+    """Return a copy of ``src`` (or ``src.T``) on ``device`` in ``dtype``, contiguous, checked finite.
 
-    When no copy is needed (CPU, same dtype, no transpose) the mapped tensor itself is
-    returned, so the weights stay file-backed and are paged in on demand.
+    The copy is made block by block and each source block is dropped once copied, so the peak
+    extra memory is the output plus one block, and the output never refers to the mapping.
     """
-    if not transpose and device.type == "cpu" and dtype == src.dtype:
-        for start, stop in _row_blocks(src):
-            check_finite(src[start:stop], source, key)
-        return src
     shape = (src.shape[1], src.shape[0]) if transpose else tuple(src.shape)
     out = torch.empty(shape, dtype=dtype, device=device)
     for start, stop in _row_blocks(src):

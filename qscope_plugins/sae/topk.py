@@ -4,9 +4,9 @@ Math (``../shared/qwen_scope_facts.md`` §1): ``pre = W_enc x + b_enc`` (no ``b_
 pre-subtraction, no input normalisation), ``z = ReLU(TopK_k(pre))``, ``x_hat = W_dec z + b_dec``.
 
 SAELens stores ``W_enc`` as ``(d_in, d_sae)`` and ``W_dec`` as ``(d_sae, d_in)``. Here
-``W_enc`` is a transposed *view* of the released ``(d_sae, d_model)`` rows (no copy at load
-time; the GEMM reads either layout at the same speed), and ``W_dec`` is contiguous with one row
-per feature, which is what sparse decoding gathers from.
+``W_enc`` is a transposed *view* of the released ``(d_sae, d_model)`` rows (kept in that
+layout, in memory the SAE owns; the GEMM reads either layout at the same speed), and ``W_dec``
+is contiguous with one row per feature, which is what sparse decoding gathers from.
 
 The sparse path (``encode_sparse`` / ``decode_sparse``) never builds an ``N x d_sae`` code
 tensor; long inputs are processed in chunks of rows (``chunk_bytes``) so not even the
