@@ -12,6 +12,13 @@ The sparse path (``encode_sparse`` / ``decode_sparse``) never builds an ``N x d_
 tensor; long inputs are processed in chunks of rows (``chunk_bytes``) so not even the
 pre-activations of the whole input exist at once. The dense ``encode`` / ``decode`` /
 ``forward`` keep SAELens semantics and hooks for ``HookedSAETransformer`` and friends.
+
+SAELens's ``TopKSAE`` options mean the same on every path (dense and sparse, encode and decode,
+``fold_W_dec_norm``), whether set at construction or later on ``sae.cfg``; the released SAEs use
+neither: ``apply_b_dec_to_input`` subtracts ``b_dec`` from the input before encoding, and
+``rescale_acts_by_decoder_norm`` selects and returns ``pre * ||W_dec[f]||`` and divides by the
+norm again before decoding (``fold_W_dec_norm`` then folds the norms into the weights, same
+function). ``normalize_activations`` other than ``"none"`` is refused.
 """
 
 from __future__ import annotations
@@ -64,8 +71,9 @@ class QwenScopeSAE(TopKSAE):
     def __init__(self, cfg: QwenScopeSAEConfig, use_error_term: bool = False):
         if cfg.k > cfg.d_sae:
             raise ValueError(f"k={cfg.k} exceeds d_sae={cfg.d_sae}")
-        if cfg.apply_b_dec_to_input or cfg.normalize_activations != "none":
-            raise ValueError("Qwen-Scope SAEs read raw residuals: apply_b_dec_to_input=False, normalize_activations='none'")
+        if cfg.normalize_activations != "none":
+            raise ValueError(f"normalize_activations={cfg.normalize_activations!r} is not supported: Qwen-Scope SAEs "
+                             "read raw residuals (use normalize_activations='none')")
         super().__init__(cfg, use_error_term)
 
     # ------------------------------------------------------------------ construction
@@ -127,13 +135,16 @@ class QwenScopeSAE(TopKSAE):
 
     # ------------------------------------------------------------------ encoder
     def encode_pre(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw pre-activations ``W_enc x + b_enc`` (before Top-k and ReLU), shape ``(..., d_sae)``."""
+        """Raw pre-activations ``W_enc x + b_enc`` (before any decoder-norm rescaling, Top-k and ReLU;
+        ``x - b_dec`` in place of ``x`` under ``apply_b_dec_to_input``), shape ``(..., d_sae)``."""
         return self.hook_sae_acts_pre(self.process_sae_in(x) @ self.W_enc + self.b_enc)
 
     @override
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Dense codes ``ReLU(TopK_k(pre))`` (SAELens-compatible; hooks fire)."""
         pre = self.encode_pre(x)
+        if self.cfg.rescale_acts_by_decoder_norm:
+            pre = pre * self.W_dec.norm(dim=-1)
         values, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)
         if self.cfg.relu:
             values = values.relu()
@@ -145,13 +156,20 @@ class QwenScopeSAE(TopKSAE):
         Runs the fastest exact path for the device (see :mod:`qscope_plugins.sae.kernels`);
         under ``torch.no_grad()`` / ``inference_mode()`` the Triton path can be taken on CUDA.
         """
-        values, indices = topk_encode(self._check_input(x), self.W_enc.T, self.b_enc, self.cfg.k,
-                                      chunk_bytes=self.chunk_bytes)
+        x, W_rows, b_enc = self._check_input(x), self.W_enc.T, self.b_enc
+        if self.cfg.apply_b_dec_to_input:
+            x = x - self.b_dec
+        if self.cfg.rescale_acts_by_decoder_norm:
+            norms = self.W_dec.norm(dim=-1)
+            W_rows, b_enc = W_rows * norms[:, None], b_enc * norms
+        values, indices = topk_encode(x, W_rows, b_enc, self.cfg.k, chunk_bytes=self.chunk_bytes)
         return TopKCodes(values.relu() if self.cfg.relu else values, indices)
 
     # ------------------------------------------------------------------ decoder
     def decode_sparse(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """``x_hat = sum_i values_i W_dec[indices_i] + b_dec``, shape ``(..., d_in)``."""
+        if self.cfg.rescale_acts_by_decoder_norm:
+            values = values / self.W_dec.norm(dim=-1)[indices]
         return sparse_decode(values, indices, self.W_dec, self.b_dec, chunk_bytes=self.chunk_bytes)
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
