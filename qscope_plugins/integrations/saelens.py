@@ -7,6 +7,7 @@ copy of the file in memory, correct Qwen3.5 module path) and returns a ``QwenSco
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import replace
 from typing import Any
@@ -36,6 +37,26 @@ def _sae_lens_cfg(sae: QwenScopeSAE) -> dict[str, Any]:
     return cfg
 
 
+def apply_overrides(cfg: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """``cfg`` (a SAELens 6.x config dict) with ``overrides`` applied where SAELens would put them.
+
+    SAELens's own loaders return flat pre-6.0 dicts, merge the overrides at the top and let
+    ``handle_pre_6_0_config`` move the metadata keys (``context_size``, ``dataset_path``,
+    ``neuronpedia_id``, ...) under ``metadata``. A 6.x dict skips that step, so here every key
+    that is a config field replaces it and every other key goes into ``metadata``.
+    """
+    fields = {f.name for f in dataclasses.fields(QwenScopeSAEConfig)} - {"metadata"}
+    out = {**cfg, "metadata": dict(cfg.get("metadata") or {})}
+    for key, value in (overrides or {}).items():
+        if key == "metadata":
+            out["metadata"].update(value or {})
+        elif key in fields:
+            out[key] = value
+        else:
+            out["metadata"][key] = value
+    return out
+
+
 def qscope_loader(
     repo_id: str,
     folder_name: str,
@@ -46,9 +67,9 @@ def qscope_loader(
     """SAELens ``PretrainedSaeHuggingfaceLoader`` over :func:`load_sae`."""
     overrides = dict(cfg_overrides or {})
     sae = load_sae(repo_id, _layer_of(folder_name), device=overrides.get("device", device),
-                   dtype=overrides.get("dtype"), k=overrides.get("k"))
+                   dtype=overrides.get("dtype"), k=overrides.get("k"), relu=overrides.get("relu", True))
     state = {"W_enc": sae.W_enc.data, "W_dec": sae.W_dec.data, "b_enc": sae.b_enc.data, "b_dec": sae.b_dec.data}
-    return _sae_lens_cfg(sae), state, None
+    return apply_overrides(_sae_lens_cfg(sae), overrides), state, None
 
 
 def qscope_config(
@@ -68,7 +89,7 @@ def qscope_config(
     cfg = make_config(group.d_model, group.d_sae, group.k, layer=layer, device=device,
                       model_name=group.model, hf_hook_name=group.hf_hook_name(layer),
                       metadata={"sae_source": repo_id, "qwen_scope_group": group.release})
-    return {**cfg.to_dict(), **(cfg_overrides or {})}
+    return apply_overrides(cfg.to_dict(), cfg_overrides)
 
 
 def register() -> list[str]:
@@ -88,10 +109,13 @@ def register() -> list[str]:
             continue
         layers = {f"layer{n}": group.filename(n) for n in range(group.n_layers)}
         if entry is None:
+            # sae_lens.evals (all_loadable_saes) reads both maps for every SAE; SAELens's own
+            # entries for these releases carry the same placeholders (1.0, k): nothing is published.
             entry = PretrainedSAELookup(
                 release=group.release, repo_id=group.repo_id, model=group.model, conversion_func=CONVERTER,
-                saes_map=layers, expected_var_explained={}, expected_l0={}, neuronpedia_id={},
-                norm_scaling_factor={}, config_overrides=None,
+                saes_map=layers, expected_var_explained=dict.fromkeys(layers, 1.0),
+                expected_l0=dict.fromkeys(layers, group.k), neuronpedia_id={}, norm_scaling_factor={},
+                config_overrides=None,
             )
         directory[group.release] = replace(entry, conversion_func=CONVERTER)
         done.append(f"release {group.release}")

@@ -23,6 +23,7 @@ function). ``normalize_activations`` other than ``"none"`` is refused.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -204,6 +205,24 @@ class QwenScopeSAE(TopKSAE):
         state_dict["W_enc"] = state_dict["W_enc"].contiguous()
 
 
+SAELENS_METADATA: dict = {
+    # Qwen tokenizers define no BOS token and the HF tokenizer (the model cards' demo) prepends
+    # nothing, so the SAEs read activations of raw text; with prepend_bos=True TransformerLens
+    # would put its stand-in BOS (the EOS token, <|endoftext|>) first, a position the SAEs never saw.
+    "prepend_bos": False,
+    # The training context length is not published; 1024 is SAELens's own placeholder for these
+    # SAEs (its qwen_scope loader), a length the Qwen3 / Qwen3.5 models handle natively.
+    "context_size": 1024,
+    # The training data ("in-house pretraining data") is not released.
+    "dataset_path": None,
+    "exclude_special_tokens": False,
+    # HF activations; TransformerLens's default processing leaves the residual stream of these
+    # RMSNorm models unchanged (docs/models.md), so nothing needs to be switched off.
+    "model_from_pretrained_kwargs": {},
+}
+"""Metadata every loaded SAE carries for SAELens's tools (copied into each config)."""
+
+
 def make_config(
     d_model: int,
     d_sae: int,
@@ -217,7 +236,12 @@ def make_config(
     hf_hook_name: str | None = None,
     metadata: dict | None = None,
 ) -> QwenScopeSAEConfig:
-    """A config with the Qwen-Scope conventions and SAELens metadata filled in."""
+    """A config with the Qwen-Scope conventions and the SAELens metadata its tools read.
+
+    ``ActivationsStore.from_sae`` and ``sae_lens.evals`` need ``context_size``, ``prepend_bos`` and
+    ``model_from_pretrained_kwargs`` (a dict: ``evals`` unpacks it); the values are
+    :data:`SAELENS_METADATA`, and ``metadata`` overrides any of them.
+    """
     from sae_lens.saes.sae import SAEMetadata
     from sae_lens.util import dtype_to_str
 
@@ -228,9 +252,7 @@ def make_config(
         "hook_name": f"blocks.{layer}.hook_resid_post" if layer is not None else None,
         "hf_hook_name": hf_hook_name,
         "hook_head_index": None,
-        "prepend_bos": False,
-        "context_size": None,
-        "dataset_path": None,
+        **copy.deepcopy(SAELENS_METADATA),
         **(metadata or {}),
     }
     return QwenScopeSAEConfig(

@@ -1,0 +1,145 @@
+"""SAELens's own tools on Qwen-Scope SAEs: ActivationsStore, the evals CLI, cfg_overrides, training classes.
+
+Written the way SAELens's tests use them: a release in the pretrained directory, ``SAE.from_pretrained``,
+then the tool, offline, on a tiny Qwen3 checkpoint.
+"""
+
+import json
+
+import pytest
+import torch
+from datasets import Dataset
+from sae_lens import SAE, ActivationsStore, HookedSAETransformer
+from sae_lens.loading.pretrained_sae_loaders import get_qwen_scope_config_from_hf, handle_config_defaulting
+from sae_lens.loading.pretrained_saes_directory import PretrainedSAELookup, get_pretrained_saes_directory
+
+import qscope_plugins
+from qscope_plugins.integrations import saelens as integration
+from qscope_plugins.testing.sae_files import make_fake_hub_repo, random_sae_state
+from qscope_plugins.testing.tiny_models import save_checkpoint, tiny_model, tiny_tokenizer
+
+REPO = "Qwen/SAE-Res-Tiny-W1K-L0_8"  # Qwen-Scope naming: d_sae 1024, k 8
+RELEASE = "qwen-scope-tiny-test"
+TEXTS = [f"the {i}th line of a tiny corpus, with some words in it" for i in range(48)]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    hf = tiny_model("Qwen3ForCausalLM", seed=1)
+    directory = tmp_path_factory.mktemp("model") / "Qwen3-Tiny"
+    save_checkpoint(hf, directory, tokenizer=tiny_tokenizer())
+    return hf, directory
+
+
+@pytest.fixture
+def release(offline_hub, checkpoint):
+    """A Qwen-Scope-style release (the ``qscope`` converter) whose overrides name the tiny checkpoint."""
+    hf, directory = checkpoint
+    make_fake_hub_repo(offline_hub, REPO, {1: random_sae_state(hf.config.hidden_size, 1024, seed=2)})
+    saes = get_pretrained_saes_directory()
+
+    def add(config_overrides=None, neuronpedia_id=None):
+        saes[RELEASE] = PretrainedSAELookup(
+            release=RELEASE, repo_id=REPO, model=str(directory), conversion_func="qscope",
+            saes_map={"layer1": "layer1.sae.pt"}, expected_var_explained={"layer1": 1.0}, expected_l0={"layer1": 8},
+            neuronpedia_id={"layer1": neuronpedia_id}, norm_scaling_factor={}, config_overrides=config_overrides)
+
+    add({"model_name": str(directory)})
+    yield add
+    saes.pop(RELEASE, None)
+
+
+def hf_layer_output(hf, tokens, layer):
+    seen = {}
+    handle = hf.model.layers[layer].register_forward_hook(lambda m, i, o: seen.setdefault("h", o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        hf(tokens)
+    handle.remove()
+    return seen["h"]
+
+
+def test_metadata_that_saelens_tools_read():
+    """Every release: context_size, prepend_bos, dataset fields and model_from_pretrained_kwargs (a dict) are set."""
+    for group in qscope_plugins.GROUPS:
+        cfg = integration.qscope_config(group.repo_id, "layer0.sae.pt", "cpu")
+        meta = cfg["metadata"]
+        assert meta["context_size"] == 1024 and meta["prepend_bos"] is False
+        assert meta["model_from_pretrained_kwargs"] == {} and meta["dataset_path"] is None
+        assert meta["model_name"] == group.model and meta["hook_name"] == "blocks.0.hook_resid_post"
+    a = integration.qscope_config(group.repo_id, "layer0.sae.pt", "cpu")
+    a["metadata"]["model_from_pretrained_kwargs"]["fold_ln"] = False  # configs share no mutable state
+    assert integration.qscope_config(group.repo_id, "layer0.sae.pt", "cpu")["metadata"]["model_from_pretrained_kwargs"] == {}
+
+
+def test_activations_store_from_sae(release, checkpoint):
+    """``ActivationsStore.from_sae`` needs no extra argument, and yields HF's layer output at the SAE's hook."""
+    hf, directory = checkpoint
+    sae = SAE.from_pretrained(RELEASE, "layer1")
+    model = HookedSAETransformer.from_pretrained_no_processing(str(directory), **sae.cfg.metadata.model_from_pretrained_kwargs)
+    data = Dataset.from_dict({"text": TEXTS})
+    store = ActivationsStore.from_sae(model, sae, dataset=data)  # SAELens raised "context_size is required"
+    assert store.context_size == 1024 and store.prepend_bos is False and store.hook_name == "blocks.1.hook_resid_post"
+    store = ActivationsStore.from_sae(model, sae, dataset=data, context_size=12, store_batch_size_prompts=2)
+    tokens = store.get_batch_tokens(2)
+    assert tokens.shape == (2, 12) and not (tokens[:, 0] == model.tokenizer.bos_token_id).all()
+    acts = store.get_activations(tokens)  # (batch, pos, d_in)
+    torch.testing.assert_close(acts, hf_layer_output(hf, tokens, 1), atol=1e-4, rtol=1e-4)
+
+
+def test_evals_cli_runs_on_a_qwen_scope_release_offline(release, tmp_path):
+    """``python -m sae_lens.evals <release> <sae_id> ...``: loads the model by metadata, unpacks its kwargs, evaluates."""
+    from sae_lens.evals import run_evals_cli
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in TEXTS))
+    run_evals_cli([RELEASE, "layer1", "--datasets", str(data), "--ctx_lens", "16", "--batch_size_prompts", "2",
+                   "--n_eval_reconstruction_batches", "1", "--n_eval_sparsity_variance_batches", "1",
+                   "--compute_kl", "--compute_ce_loss", "--compute_sparsity_metrics", "--output_dir", str(tmp_path / "out")])
+    (result,) = json.loads((tmp_path / "out" / "all_eval_results.json").read_text())
+    assert result["unique_id"] == f"{RELEASE}-layer1" and result["eval_cfg"]["context_size"] == 16
+    metrics = result["metrics"]
+    assert metrics["sparsity"]["l0"] == pytest.approx(8.0)
+    ce = metrics["model_performance_preservation"]
+    assert ce["ce_loss_without_sae"] > 0 and ce["ce_loss_with_sae"] > 0
+
+
+OVERRIDES = {"context_size": 256, "dataset_path": "org/corpus", "prepend_bos": True, "seqpos_slice": [1, None],
+             "exclude_special_tokens": True}
+
+
+def saelens_would_give(overrides):
+    """What SAELens's own qwen_scope config getter makes of these overrides (after its 6.0 conversion)."""
+    flat = get_qwen_scope_config_from_hf("Qwen/SAE-Res-Qwen3-1.7B-Base-W32K-L0_50", "layer1.sae.pt", "cpu", cfg_overrides=overrides)
+    return handle_config_defaulting(flat)["metadata"]
+
+
+def test_cfg_overrides_reach_the_loaded_sae_as_in_saelens(release, checkpoint):
+    release({**OVERRIDES, "model_name": str(checkpoint[1]), "relu": False}, neuronpedia_id="qwen3-tiny/1-res")
+    sae = SAE.from_pretrained(RELEASE, "layer1")
+    expected = saelens_would_give({**OVERRIDES, "neuronpedia_id": "qwen3-tiny/1-res"})
+    for key in [*OVERRIDES, "neuronpedia_id"]:
+        assert sae.cfg.metadata[key] == expected[key], key
+    assert sae.cfg.relu is False  # a config field, not metadata
+    with torch.no_grad():  # pre-activations of 0 are b_enc, all negative here: kept as they are without ReLU
+        assert (sae.encode(torch.zeros(1, sae.cfg.d_in)) < 0).sum() == 8
+
+
+def test_config_getter_keeps_metadata_overrides():
+    """``load_sae_config_from_huggingface`` (the config-only route) applies the release's overrides under metadata."""
+    from dataclasses import replace
+
+    from sae_lens.loading.pretrained_sae_loaders import load_sae_config_from_huggingface
+
+    group = qscope_plugins.get_group("qwen-scope-3-1.7b-base-w32k-l50")
+    saes = get_pretrained_saes_directory()
+    original = saes[group.release]
+    saes[group.release] = replace(original, config_overrides=dict(OVERRIDES), neuronpedia_id={"layer1": "np/1"})
+    try:
+        cfg = load_sae_config_from_huggingface(group.release, "layer1")
+    finally:
+        saes[group.release] = original
+    expected = saelens_would_give({**OVERRIDES, "neuronpedia_id": "np/1"})
+    assert {key: cfg["metadata"][key] for key in [*OVERRIDES, "neuronpedia_id"]} == \
+        {key: expected[key] for key in [*OVERRIDES, "neuronpedia_id"]}
+    assert "context_size" not in cfg and cfg["architecture"] == "qwen_scope_topk"
