@@ -143,3 +143,63 @@ def test_config_getter_keeps_metadata_overrides():
     assert {key: cfg["metadata"][key] for key in [*OVERRIDES, "neuronpedia_id"]} == \
         {key: expected[key] for key in [*OVERRIDES, "neuronpedia_id"]}
     assert "context_size" not in cfg and cfg["architecture"] == "qwen_scope_topk"
+
+
+def test_released_sae_trains_further_with_saelens_and_exports_back(tmp_path):
+    """save_model -> TrainingSAE.load_from_disk -> SAETrainer.fit -> released layout and SAELens inference format."""
+    from sae_lens import TrainingSAE
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.saes.topk_sae import TopKTrainingSAE
+
+    from qscope_plugins import load_sae
+    from qscope_plugins.recipes.sae_train import export_qwen_scope
+    from qscope_plugins.sae.training import QwenScopeTrainingSAE
+    from qscope_plugins.testing.sae_files import write_released_layer
+
+    d, n, k = 32, 128, 4
+    state = random_sae_state(d, n, seed=6)
+    state["W_dec"] = state["W_dec"] * torch.linspace(0.5, 1.5, n)  # decoder columns of unequal norm, as released
+    write_released_layer(tmp_path / "released", 2, state)
+    released = load_sae(tmp_path / "released", 2, k=k)
+    released.save_model(tmp_path / "saelens")
+    sae = TrainingSAE.load_from_disk(tmp_path / "saelens")  # KeyError 'qwen_scope_topk' before
+    assert isinstance(sae, QwenScopeTrainingSAE) and isinstance(sae, TopKTrainingSAE)
+    assert sae.cfg.k == k and sae.cfg.rescale_acts_by_decoder_norm is False and sae.cfg.apply_b_dec_to_input is False
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, d, generator=gen)
+    with torch.no_grad():  # the training SAE computes the released SAE's function
+        torch.testing.assert_close(sae.encode(x), released.encode(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(sae(x), released(x), atol=1e-5, rtol=1e-5)
+
+    # Activations that the released SAE reconstructs badly: a few planted directions, k-sparse.
+    planted = torch.nn.functional.normalize(torch.randn(8, d, generator=gen), dim=-1)
+
+    def batches():
+        while True:
+            codes = torch.rand(64, 8, generator=gen) * (torch.rand(64, 8, generator=gen) < 0.4)
+            yield 3 * codes @ planted
+
+    def mse(model):
+        sample = next(batches())
+        with torch.no_grad():
+            return float((model(sample) - sample).pow(2).sum(-1).mean())
+
+    before = mse(sae)
+    trainer_cfg = SAETrainerConfig(total_training_samples=64 * 150, train_batch_size_samples=64, lr=3e-3, lr_end=3e-3,
+                                   n_batches_for_norm_estimate=1, dead_feature_window=50, feature_sampling_window=50)
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    trained = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=batches()).fit()
+    after = mse(trained)
+    assert after < 0.5 * before, (before, after)
+
+    out = export_qwen_scope(trained, tmp_path / "SAE-Res-Tiny-W0K-L0_4", 2)  # the released layout
+    again = load_sae(out, 2, k=k)
+    trained.save_inference_model(tmp_path / "inference")
+    inference = SAE.load_from_disk(tmp_path / "inference")
+    assert type(inference) is type(released)
+    with torch.no_grad():
+        expected = trained(x)
+        torch.testing.assert_close(again(x), expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(again.reconstruct(x), expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(inference(x), expected, atol=1e-4, rtol=1e-4)

@@ -15,7 +15,12 @@ from typing import Any
 import torch
 from sae_lens.loading import pretrained_sae_loaders as loaders
 from sae_lens.loading.pretrained_saes_directory import PretrainedSAELookup, get_pretrained_saes_directory
-from sae_lens.registry import SAE_CLASS_REGISTRY, register_sae_class
+from sae_lens.registry import (
+    SAE_CLASS_REGISTRY,
+    SAE_TRAINING_CLASS_REGISTRY,
+    register_sae_class,
+    register_sae_training_class,
+)
 
 from ..catalog import GROUPS, find_group
 from ..sae.loading import load_sae
@@ -93,11 +98,16 @@ def qscope_config(
 
 
 def register() -> list[str]:
-    """Register the SAE class, the ``qscope`` converter and all 14 releases; idempotent."""
+    """Register the SAE class and its training class, the ``qscope`` converter and all 14 releases; idempotent."""
     done: list[str] = []
     if ARCHITECTURE not in SAE_CLASS_REGISTRY:
         register_sae_class(ARCHITECTURE, QwenScopeSAE, QwenScopeSAEConfig)
         done.append(f"sae class {ARCHITECTURE}")
+    if ARCHITECTURE not in SAE_TRAINING_CLASS_REGISTRY:
+        from ..sae.training import QwenScopeTrainingSAE, QwenScopeTrainingSAEConfig
+
+        register_sae_training_class(ARCHITECTURE, QwenScopeTrainingSAE, QwenScopeTrainingSAEConfig)
+        done.append(f"training sae class {ARCHITECTURE}")
     if loaders.NAMED_PRETRAINED_SAE_LOADERS.get(CONVERTER) is not qscope_loader:
         loaders.NAMED_PRETRAINED_SAE_LOADERS[CONVERTER] = qscope_loader
         loaders.NAMED_PRETRAINED_SAE_CONFIG_GETTERS[CONVERTER] = qscope_config
