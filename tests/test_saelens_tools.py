@@ -203,3 +203,36 @@ def test_released_sae_trains_further_with_saelens_and_exports_back(tmp_path):
         torch.testing.assert_close(again(x), expected, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(again.reconstruct(x), expected, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(inference(x), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("loaded_as", ["AutoModelForCausalLM", "multimodal"])
+def test_saelens_hf_route_on_both_qwen35_layouts(tmp_path, loaded_as):
+    """SAELens's ``load_model("AutoModelForCausalLM", ...)`` (text-only ``model.layers.N``) and a multimodal
+    ``HookedProxyLM`` (``model.language_model.layers.N``): the SAE's hook resolves to the layer actually loaded."""
+    from sae_lens.load_model import HookedProxyLM, load_model
+
+    from qscope_plugins.testing.tiny_models import _multimodal_from_text
+
+    text = tiny_model("Qwen3_5ForCausalLM", seed=3)
+    directory = save_checkpoint(text, tmp_path / "Qwen3.5-Tiny", multimodal=True, tokenizer=tiny_tokenizer())
+    group = qscope_plugins.get_group("qwen-scope-3.5-2b-base-w32k-l50")
+    sae = qscope_plugins.QwenScopeSAE.from_weights(**random_sae_state(text.config.hidden_size, 256, seed=4), k=8, layer=2,
+                                                   metadata={"hf_hook_name": group.hf_hook_name(2)})
+    assert sae.cfg.metadata.hf_hook_name == "model.language_model.layers.2"  # the published layout
+    if loaded_as == "AutoModelForCausalLM":
+        model = load_model("AutoModelForCausalLM", str(directory), device="cpu")
+        expected, layers = "model.layers.2", model.model.model.layers
+    else:
+        model = HookedProxyLM(_multimodal_from_text(text), tiny_tokenizer())
+        expected, layers = "model.language_model.layers.2", model.model.model.language_model.layers
+    assert integration.hf_hook_name(sae, model) == expected
+    integration.use_hf_model(sae, model)
+    assert sae.cfg.metadata.hook_name == expected and sae.layer == 2
+    store = ActivationsStore.from_sae(model, sae, dataset=Dataset.from_dict({"text": TEXTS}), context_size=10,
+                                      store_batch_size_prompts=2)
+    tokens = store.get_batch_tokens(2)
+    seen = {}
+    handle = layers[2].register_forward_hook(lambda m, i, o: seen.setdefault("h", o[0] if isinstance(o, tuple) else o))
+    acts = store.get_activations(tokens)
+    handle.remove()
+    torch.testing.assert_close(acts, seen["h"], atol=1e-5, rtol=1e-5)

@@ -97,6 +97,39 @@ def qscope_config(
     return apply_overrides(cfg.to_dict(), cfg_overrides)
 
 
+def hf_hook_name(sae: QwenScopeSAE, model: Any) -> str:
+    """The name of ``sae``'s decoder layer in ``model`` as actually loaded, for SAELens's HF route.
+
+    ``metadata.hf_hook_name`` follows the published checkpoint: ``model.language_model.layers.N``
+    for Qwen3.5 (``...ForConditionalGeneration``), ``model.layers.N`` otherwise. SAELens's
+    ``load_model("AutoModelForCausalLM", checkpoint)`` loads Qwen3.5 text-only, whose layers are
+    ``model.layers.N``. ``model`` is that ``HookedProxyLM`` or any HF causal / multimodal model;
+    the layers are found with :func:`qscope_plugins.remote.layout`, the resolver every backend uses.
+    """
+    from sae_lens.load_model import HookedProxyLM
+
+    from ..remote import layout
+
+    layer = sae.layer
+    if layer is None:
+        raise ValueError(f"cannot tell the layer of this SAE from its hook_name {sae.cfg.metadata.hook_name!r}")
+    where = layout(model.model if isinstance(model, HookedProxyLM) else model)
+    return f"{where.path}.{where.check_layer(layer)}"
+
+
+def use_hf_model(sae: QwenScopeSAE, model: Any) -> QwenScopeSAE:
+    """Point ``sae``'s ``hook_name`` / ``hf_hook_name`` at its layer in ``model`` (see :func:`hf_hook_name`).
+
+    For SAELens tools that read the hook from the SAE (``ActivationsStore.from_sae``,
+    ``run_evals``) on a ``HookedProxyLM``. Changes ``sae.cfg.metadata`` in place and returns ``sae``;
+    ``sae.layer`` still answers. Use a fresh SAE for HookedTransformer-style models
+    (``blocks.N.hook_resid_post``).
+    """
+    name = hf_hook_name(sae, model)
+    sae.cfg.metadata.hook_name = sae.cfg.metadata.hf_hook_name = name
+    return sae
+
+
 def register() -> list[str]:
     """Register the SAE class and its training class, the ``qscope`` converter and all 14 releases; idempotent."""
     done: list[str] = []

@@ -126,9 +126,11 @@ class QwenScopeSAE(TopKSAE):
     # ------------------------------------------------------------------ metadata
     @property
     def layer(self) -> int | None:
-        """Decoder layer read by this SAE (parsed from ``blocks.{n}.hook_resid_post``)."""
+        """Decoder layer read by this SAE (from ``blocks.{n}.hook_resid_post`` or an HF ``...layers.{n}``)."""
         parts = (self.cfg.metadata.hook_name or "").split(".")
-        return int(parts[1]) if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit() else None
+        if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit():
+            return int(parts[1])
+        return int(parts[-1]) if len(parts) > 1 and parts[-2] == "layers" and parts[-1].isdigit() else None
 
     @property
     def k(self) -> int:
