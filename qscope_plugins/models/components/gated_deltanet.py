@@ -31,10 +31,12 @@ class GatedDeltaNet(nn.Module):
     Sizes come from the HF text config kept on ``cfg.hf_text_config``. Hooks (``b`` batch,
     ``p`` pos): ``hook_q``, ``hook_k`` ``[b, p, key_heads, key_dim]`` and ``hook_v``
     ``[b, p, value_heads, value_dim]`` after the convolution (the kernel L2-normalises q and k
-    itself); ``hook_gate`` the output gate before SiLU ``[b, p, value_heads, value_dim]``;
+    itself); ``hook_gate`` the output gate before SiLU ``[b, p, value_heads * value_dim]``;
     ``hook_beta`` the write strength ``[b, p, value_heads]``; ``hook_g`` the log-space decay
     ``[b, p, value_heads]``; ``hook_recurrent_out`` the delta-rule output
-    ``[b, p, value_heads, value_dim]``.
+    ``[b, p, value_heads * value_dim]``. The last two are flat (head-major) because
+    TransformerLens's cache slicing finds the position axis by hook name: ``-3`` only for names
+    ending in ``hook_q/k/v/z/result``, ``-2`` for every other hook.
     """
 
     def __init__(self, cfg, layer_id: int | None = None):
@@ -73,7 +75,7 @@ class GatedDeltaNet(nn.Module):
         q = self.hook_q(q.reshape(batch, pos, -1, self.d_k))
         k = self.hook_k(k.reshape(batch, pos, -1, self.d_k))
         v = self.hook_v(v.reshape(batch, pos, -1, self.d_v))
-        gate = self.hook_gate((x @ self.W_gate).reshape(batch, pos, -1, self.d_v))
+        gate = self.hook_gate(x @ self.W_gate)
         beta = self.hook_beta((x @ self.W_beta).sigmoid())
         g = self.hook_g(-self.A_log.float().exp() * F.softplus((x @ self.W_decay).float() + self.dt_bias))
 
@@ -85,7 +87,7 @@ class GatedDeltaNet(nn.Module):
         )
         if past_kv_cache_entry is not None:
             store(past_kv_cache_entry, conv_state, final)
-        out = self.hook_recurrent_out(out)
+        out = self.hook_recurrent_out(out.flatten(-2))
         normed = self.norm(out.reshape(-1, self.d_v), gate.reshape(-1, self.d_v))
         return normed.reshape(batch, pos, -1) @ self.W_O.reshape(-1, self.cfg.d_model)
 
