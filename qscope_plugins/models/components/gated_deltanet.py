@@ -14,15 +14,36 @@ import torch.nn.functional as F
 from torch import nn
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 from transformer_lens.hook_points import HookPoint
+from transformers.activations import ACT2FN
+from transformers.models.qwen3_5 import modeling_qwen3_5 as _hf_qwen3_5
 from transformers.models.qwen3_5.modeling_qwen3_5 import (
     Qwen3_5RMSNormGated,
-    causal_conv1d_fn,
-    causal_conv1d_update,
     torch_chunk_gated_delta_rule,
     torch_recurrent_gated_delta_rule,
 )
 
 from .recurrent_cache import recurrent_state, store
+
+
+def _torch_conv1d_fn(x, weight, bias=None, activation=None, **_):
+    """Causal depthwise conv over ``[batch, channels, pos]`` (transformers >= 5.24's torch fallback)."""
+    out = F.conv1d(x.to(weight.dtype), weight.unsqueeze(1), bias, padding=weight.shape[-1] - 1, groups=x.shape[1])
+    out = out[..., : x.shape[-1]]
+    return (ACT2FN[activation](out) if activation else out).to(x.dtype)
+
+
+def _torch_conv1d_update(x, conv_state, weight, bias=None, activation=None):
+    """One decode step of the conv; shifts ``conv_state`` in place (same contract as the kernel)."""
+    window = torch.cat([conv_state, x], dim=-1).to(weight.dtype)
+    conv_state.copy_(window[..., -conv_state.shape[-1]:])
+    out = F.conv1d(window, weight.unsqueeze(1), bias, groups=x.shape[1])[..., -x.shape[-1]:]
+    return (ACT2FN[activation](out) if activation else out).to(x.dtype)
+
+
+# transformers >= 5.24 defines these functions (a kernel when installed, else torch); older 5.x
+# set them to None unless the causal_conv1d package is installed, and keep the torch path inline.
+causal_conv1d_fn = getattr(_hf_qwen3_5, "causal_conv1d_fn", None) or _torch_conv1d_fn
+causal_conv1d_update = getattr(_hf_qwen3_5, "causal_conv1d_update", None) or _torch_conv1d_update
 
 
 class GatedDeltaNet(nn.Module):
@@ -79,6 +100,8 @@ class GatedDeltaNet(nn.Module):
         beta = self.hook_beta((x @ self.W_beta).sigmoid())
         g = self.hook_g(-self.A_log.float().exp() * F.softplus((x @ self.W_decay).float() + self.dt_bias))
 
+        if q.shape[-2] != v.shape[-2]:  # transformers < 5.24's rules expect one q/k head per value head
+            q, k = (t.repeat_interleave(v.shape[-2] // t.shape[-2], dim=-2) for t in (q, k))
         initial = state.recurrent if state is not None else None
         rule = torch_recurrent_gated_delta_rule if initial is not None and pos == 1 else torch_chunk_gated_delta_rule
         out, final = rule(
