@@ -14,9 +14,10 @@ that is not one of ours:
   directory nothing is fetched from the hub.
 - ``TransformerBlock`` as seen by ``HookedTransformer.__init__``: architecture modules may
   supply their own blocks (mixed dense/MoE stacks, linear attention).
-- ``HookedTransformer.load_and_process_state_dict`` records which processing was applied,
-  and ``HookedSAETransformer.add_sae`` warns when that processing changed the residual
-  stream an SAE reads but the SAE says it expects the unprocessed one.
+- ``HookedTransformer.load_and_process_state_dict`` (also reached by ``process_weights_``)
+  skips ``fold_ln`` with a warning where the architecture cannot fold and records which
+  processing was applied; ``HookedSAETransformer.add_sae`` warns when that processing changed
+  the residual stream an SAE reads but the SAE says it expects the unprocessed one.
 """
 
 from __future__ import annotations
