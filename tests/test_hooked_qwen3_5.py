@@ -92,7 +92,7 @@ def test_hook_points_and_what_they_carry(hooked, arch):
     linear, full = "blocks.0.attn.", "blocks.1.attn."
     assert cache[linear + "hook_q"].shape == (1, 9, 2, 16) and cache[linear + "hook_v"].shape == (1, 9, 4, 16)
     assert cache[linear + "hook_beta"].shape == cache[linear + "hook_g"].shape == (1, 9, 4)
-    assert cache[linear + "hook_gate"].shape == cache[linear + "hook_recurrent_out"].shape == (1, 9, 4, 16)
+    assert cache[linear + "hook_gate"].shape == cache[linear + "hook_recurrent_out"].shape == (1, 9, 4 * 16)
     beta, g = cache[linear + "hook_beta"], cache[linear + "hook_g"]
     assert bool((g < 0).all()) and bool(((beta > 0) & (beta < 1)).all())
     pattern = cache[full + "hook_pattern"]

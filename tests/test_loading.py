@@ -175,3 +175,53 @@ def test_peak_memory_while_loading_a_real_size_layer(real_hub_offline, real_grou
     for dtype, peak in peaks.items():
         assert int(peak) <= 1.25 * size, f"{dtype}: peak extra RSS {int(peak) / size:.2f}x the file size"
     assert set(peaks) == {"float32", "bfloat16"}
+
+
+
+
+INDEPENDENCE = textwrap.dedent(
+    """
+    import sys
+    import torch
+    import qscope_plugins
+    from sae_lens import SAE
+    from sae_lens.loading.pretrained_saes_directory import PretrainedSAELookup, get_pretrained_saes_directory
+    from qscope_plugins.sae.format import save_layer_file
+    from qscope_plugins.testing.sae_files import random_sae_state
+
+    repo, snapshot = sys.argv[1:]
+    qscope_plugins.register()
+    get_pretrained_saes_directory()["tiny"] = PretrainedSAELookup(
+        release="tiny", repo_id=repo, model="m", conversion_func="qscope", saes_map={"layer1": "layer1.sae.pt"},
+        expected_var_explained={}, expected_l0={}, neuronpedia_id={}, norm_scaling_factor={}, config_overrides=None)
+    saes = {"load_sae": (qscope_plugins.load_sae(snapshot, 0, k=8), "layer0"),
+            "SAE.from_pretrained": (SAE.from_pretrained("tiny", "layer1"), "layer1")}
+    x = torch.randn(4, 32)
+    for how, (sae, stem) in saes.items():
+        before = {name: p.detach().clone() for name, p in sae.named_parameters()}
+        with torch.no_grad():
+            codes = sae.encode(x)
+        file = f"{snapshot}/{stem}.sae.pt"
+        save_layer_file(file, random_sae_state(32, 1024, seed=99))  # torch.save: same path, same inode
+        changed = [name for name, p in sae.named_parameters() if not torch.equal(p, before[name])]
+        with open(file, "wb") as handle:  # now a much smaller file
+            handle.write(b"PK")
+        with torch.no_grad():
+            same_codes = torch.equal(sae.encode(x), codes)
+            sum(float(p.double().sum()) for p in sae.parameters())  # touches every weight page
+        print(how, "changed", changed, "same_codes", same_codes)
+    """
+)
+
+
+def test_loaded_sae_is_independent_of_its_file(offline_hub, tiny_state):
+    """Rewriting the file in place (``torch.save`` to the same path), then truncating it, leaves a loaded SAE as it was.
+
+    In a subprocess: weights still mapped from the file would kill the process with SIGBUS on truncation.
+    """
+    snapshot = make_fake_hub_repo(offline_hub, TINY_REPO, {0: tiny_state, 1: tiny_state})
+    out = subprocess.run([sys.executable, "-c", INDEPENDENCE, TINY_REPO, str(snapshot)],
+                         capture_output=True, text=True, env=os.environ.copy())
+    assert out.returncode == 0, f"exit {out.returncode}: {out.stderr[-2000:]}"
+    assert out.stdout.strip().splitlines() == [
+        "load_sae changed [] same_codes True", "SAE.from_pretrained changed [] same_codes True"]

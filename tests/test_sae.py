@@ -142,3 +142,48 @@ def test_bad_inputs(sae, state):
     codes = sae.encode_sparse(torch.randn(2, D_MODEL))
     with pytest.raises(ValueError, match="must have one shape"):
         sae.decode_sparse(codes.values, codes.indices[:, :3])
+
+
+OPTIONS = [dict(apply_b_dec_to_input=b, rescale_acts_by_decoder_norm=r) for b in (False, True) for r in (False, True)]
+
+
+@pytest.mark.parametrize("when", ["construction", "after"])
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: f"b_dec_in={o['apply_b_dec_to_input']}-rescale={o['rescale_acts_by_decoder_norm']}")
+@torch.no_grad()
+def test_saelens_topk_options_mean_the_same_on_every_path(state, options, when):
+    """``apply_b_dec_to_input`` / ``rescale_acts_by_decoder_norm``: dense, sparse and folded paths all equal SAELens's TopKSAE."""
+    rows = {**state, "W_dec": state["W_dec"] * torch.linspace(0.5, 2.0, D_SAE)}  # decoder rows of unequal norm
+    ref = TopKSAE(TopKSAEConfig(d_in=D_MODEL, d_sae=D_SAE, k=K, **options))
+    ref.load_state_dict({"W_enc": rows["W_enc"].T, "W_dec": rows["W_dec"].T, "b_enc": rows["b_enc"], "b_dec": rows["b_dec"]})
+    sae = QwenScopeSAE.from_weights(**rows, k=K, layer=3)
+    if when == "construction":
+        cfg = sae.cfg
+        for key, value in options.items():
+            setattr(cfg, key, value)
+        sae = QwenScopeSAE.from_parts(cfg, sae.W_enc.T, sae.W_dec, sae.b_enc, sae.b_dec)
+    else:
+        for key, value in options.items():
+            setattr(sae.cfg, key, value)
+    x = 3 * torch.randn(4, 7, D_MODEL, generator=torch.Generator().manual_seed(0))
+    expected_codes, expected_out = ref.encode(x), ref(x)
+    torch.testing.assert_close(sae.encode(x), expected_codes, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(sae(x), expected_out, atol=1e-4, rtol=1e-4)
+    values, indices = sae.encode_sparse(x)
+    dense = torch.zeros_like(expected_codes).scatter_(-1, indices, values)
+    torch.testing.assert_close(dense, expected_codes, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(sae.reconstruct(x), expected_out, atol=1e-4, rtol=1e-4)
+    if options["rescale_acts_by_decoder_norm"]:  # SAELens folds only when rescaling (else Top-k could change)
+        sae.fold_W_dec_norm()
+        torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(D_SAE), atol=1e-5, rtol=0)
+        torch.testing.assert_close(sae(x), expected_out, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(sae.reconstruct(x), expected_out, atol=1e-4, rtol=1e-4)
+    else:
+        with pytest.raises(NotImplementedError, match="rescale_acts_by_decoder_norm is False"):
+            sae.fold_W_dec_norm()
+
+
+def test_input_normalisation_is_refused_with_its_reason(sae):
+    cfg = sae.cfg
+    cfg_dict = {**cfg.to_dict(), "normalize_activations": "layer_norm"}
+    with pytest.raises(ValueError, match=r"normalize_activations='layer_norm' is not supported: Qwen-Scope SAEs read raw"):
+        QwenScopeSAE(type(cfg).from_dict(cfg_dict))

@@ -7,6 +7,7 @@ copy of the file in memory, correct Qwen3.5 module path) and returns a ``QwenSco
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import sys
 from dataclasses import replace
@@ -15,7 +16,12 @@ from typing import Any
 import torch
 from sae_lens.loading import pretrained_sae_loaders as loaders
 from sae_lens.loading.pretrained_saes_directory import PretrainedSAELookup, get_pretrained_saes_directory
-from sae_lens.registry import SAE_CLASS_REGISTRY, register_sae_class
+from sae_lens.registry import (
+    SAE_CLASS_REGISTRY,
+    SAE_TRAINING_CLASS_REGISTRY,
+    register_sae_class,
+    register_sae_training_class,
+)
 
 from ..catalog import GROUPS, find_group
 from ..sae.loading import load_sae
@@ -37,6 +43,26 @@ def _sae_lens_cfg(sae: QwenScopeSAE) -> dict[str, Any]:
     return cfg
 
 
+def apply_overrides(cfg: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """``cfg`` (a SAELens 6.x config dict) with ``overrides`` applied where SAELens would put them.
+
+    SAELens's own loaders return flat pre-6.0 dicts, merge the overrides at the top and let
+    ``handle_pre_6_0_config`` move the metadata keys (``context_size``, ``dataset_path``,
+    ``neuronpedia_id``, ...) under ``metadata``. A 6.x dict skips that step, so here every key
+    that is a config field replaces it and every other key goes into ``metadata``.
+    """
+    fields = {f.name for f in dataclasses.fields(QwenScopeSAEConfig)} - {"metadata"}
+    out = {**cfg, "metadata": dict(cfg.get("metadata") or {})}
+    for key, value in (overrides or {}).items():
+        if key == "metadata":
+            out["metadata"].update(value or {})
+        elif key in fields:
+            out[key] = value
+        else:
+            out["metadata"][key] = value
+    return out
+
+
 def qscope_loader(
     repo_id: str,
     folder_name: str,
@@ -47,9 +73,9 @@ def qscope_loader(
     """SAELens ``PretrainedSaeHuggingfaceLoader`` over :func:`load_sae`."""
     overrides = dict(cfg_overrides or {})
     sae = load_sae(repo_id, _layer_of(folder_name), device=overrides.get("device", device),
-                   dtype=overrides.get("dtype"), k=overrides.get("k"))
+                   dtype=overrides.get("dtype"), k=overrides.get("k"), relu=overrides.get("relu", True))
     state = {"W_enc": sae.W_enc.data, "W_dec": sae.W_dec.data, "b_enc": sae.b_enc.data, "b_dec": sae.b_dec.data}
-    return _sae_lens_cfg(sae), state, None
+    return apply_overrides(_sae_lens_cfg(sae), overrides), state, None
 
 
 def qscope_config(
@@ -69,7 +95,40 @@ def qscope_config(
     cfg = make_config(group.d_model, group.d_sae, group.k, layer=layer, device=device,
                       model_name=group.model, hf_hook_name=group.hf_hook_name(layer),
                       metadata={"sae_source": repo_id, "qwen_scope_group": group.release})
-    return {**cfg.to_dict(), **(cfg_overrides or {})}
+    return apply_overrides(cfg.to_dict(), cfg_overrides)
+
+
+def hf_hook_name(sae: QwenScopeSAE, model: Any) -> str:
+    """The name of ``sae``'s decoder layer in ``model`` as actually loaded, for SAELens's HF route.
+
+    ``metadata.hf_hook_name`` follows the published checkpoint: ``model.language_model.layers.N``
+    for Qwen3.5 (``...ForConditionalGeneration``), ``model.layers.N`` otherwise. SAELens's
+    ``load_model("AutoModelForCausalLM", checkpoint)`` loads Qwen3.5 text-only, whose layers are
+    ``model.layers.N``. ``model`` is that ``HookedProxyLM`` or any HF causal / multimodal model;
+    the layers are found with :func:`qscope_plugins.remote.layout`, the resolver every backend uses.
+    """
+    from sae_lens.load_model import HookedProxyLM
+
+    from ..remote import layout
+
+    layer = sae.layer
+    if layer is None:
+        raise ValueError(f"cannot tell the layer of this SAE from its hook_name {sae.cfg.metadata.hook_name!r}")
+    where = layout(model.model if isinstance(model, HookedProxyLM) else model)
+    return f"{where.path}.{where.check_layer(layer)}"
+
+
+def use_hf_model(sae: QwenScopeSAE, model: Any) -> QwenScopeSAE:
+    """Point ``sae``'s ``hook_name`` / ``hf_hook_name`` at its layer in ``model`` (see :func:`hf_hook_name`).
+
+    For SAELens tools that read the hook from the SAE (``ActivationsStore.from_sae``,
+    ``run_evals``) on a ``HookedProxyLM``. Changes ``sae.cfg.metadata`` in place and returns ``sae``;
+    ``sae.layer`` still answers. Use a fresh SAE for HookedTransformer-style models
+    (``blocks.N.hook_resid_post``).
+    """
+    name = hf_hook_name(sae, model)
+    sae.cfg.metadata.hook_name = sae.cfg.metadata.hf_hook_name = name
+    return sae
 
 
 def _add_releases(directory: dict[str, PretrainedSAELookup]) -> list[str]:
@@ -80,10 +139,13 @@ def _add_releases(directory: dict[str, PretrainedSAELookup]) -> list[str]:
             continue
         layers = {f"layer{n}": group.filename(n) for n in range(group.n_layers)}
         if entry is None:
+            # sae_lens.evals (all_loadable_saes) reads both maps for every SAE; SAELens's own
+            # entries for these releases carry the same placeholders (1.0, k): nothing is published.
             entry = PretrainedSAELookup(
                 release=group.release, repo_id=group.repo_id, model=group.model, conversion_func=CONVERTER,
-                saes_map=layers, expected_var_explained={}, expected_l0={}, neuronpedia_id={},
-                norm_scaling_factor={}, config_overrides=None,
+                saes_map=layers, expected_var_explained=dict.fromkeys(layers, 1.0),
+                expected_l0=dict.fromkeys(layers, group.k), neuronpedia_id={}, norm_scaling_factor={},
+                config_overrides=None,
             )
         directory[group.release] = replace(entry, conversion_func=CONVERTER)
         done.append(f"release {group.release}")
@@ -117,7 +179,7 @@ def _defer_releases() -> bool:
 
 
 def register() -> list[str]:
-    """Register the SAE class, the ``qscope`` converter and all 14 releases; idempotent.
+    """Register the SAE class and its training class, the ``qscope`` converter and all 14 releases; idempotent.
 
     The releases join SAELens's directory when SAELens first reads it, or now if it already has
     (then each ``"release <name>"`` added is listed).
@@ -126,6 +188,11 @@ def register() -> list[str]:
     if ARCHITECTURE not in SAE_CLASS_REGISTRY:
         register_sae_class(ARCHITECTURE, QwenScopeSAE, QwenScopeSAEConfig)
         done.append(f"sae class {ARCHITECTURE}")
+    if ARCHITECTURE not in SAE_TRAINING_CLASS_REGISTRY:
+        from ..sae.training import QwenScopeTrainingSAE, QwenScopeTrainingSAEConfig
+
+        register_sae_training_class(ARCHITECTURE, QwenScopeTrainingSAE, QwenScopeTrainingSAEConfig)
+        done.append(f"training sae class {ARCHITECTURE}")
     if loaders.NAMED_PRETRAINED_SAE_LOADERS.get(CONVERTER) is not qscope_loader:
         loaders.NAMED_PRETRAINED_SAE_LOADERS[CONVERTER] = qscope_loader
         loaders.NAMED_PRETRAINED_SAE_CONFIG_GETTERS[CONVERTER] = qscope_config

@@ -14,9 +14,10 @@ that is not one of ours:
   directory nothing is fetched from the hub.
 - ``TransformerBlock`` as seen by ``HookedTransformer.__init__``: architecture modules may
   supply their own blocks (mixed dense/MoE stacks, linear attention).
-- ``HookedTransformer.load_and_process_state_dict`` records which processing was applied,
-  and ``HookedSAETransformer.add_sae`` warns when that processing changed the residual
-  stream an SAE reads but the SAE says it expects the unprocessed one.
+- ``HookedTransformer.load_and_process_state_dict`` (also reached by ``process_weights_``)
+  skips ``fold_ln`` with a warning where the architecture cannot fold and records which
+  processing was applied; ``HookedSAETransformer.add_sae`` warns when that processing changed
+  the residual stream an SAE reads but the SAE says it expects the unprocessed one.
 """
 
 from __future__ import annotations
@@ -133,6 +134,21 @@ def _fold_ln_supported(source: _Source) -> bool:
     return check is None or check(source.module.hooked_config(source.text_config))
 
 
+def _model_folds_ln(cfg) -> bool:
+    """The same rule for a model already built (``process_weights_``, ``load_and_process_state_dict``)."""
+    module = module_for(getattr(cfg, "original_architecture", None))
+    check = getattr(module, "supports_fold_ln", None) if module is not None else None
+    return check is None or check(cfg)
+
+
+def _warn_fold_ln(architecture: str, doing: str, stacklevel: int) -> None:
+    warnings.warn(
+        f"fold_ln is not supported for {architecture} blocks; {doing} with fold_ln=False "
+        "(the residual stream is the same either way)",
+        stacklevel=stacklevel,
+    )
+
+
 def _from_pretrained(cls, model_name: str, *args: Any, **kwargs: Any):
     original = _ORIGINAL["from_pretrained"]
     bound = inspect.signature(original).bind(cls, model_name, *args, **kwargs)
@@ -143,11 +159,7 @@ def _from_pretrained(cls, model_name: str, *args: Any, **kwargs: Any):
         return original(*bound.args, **bound.kwargs)
     bound.apply_defaults()
     if bound.arguments["fold_ln"] and not _fold_ln_supported(source):
-        warnings.warn(
-            f"fold_ln is not supported for {architecture_of(source.text_config)} blocks; loading with "
-            "fold_ln=False (the residual stream is the same either way)",
-            stacklevel=3,
-        )
+        _warn_fold_ln(architecture_of(source.text_config), "loading", stacklevel=4)
         bound.arguments["fold_ln"] = False
     token = _ACTIVE.set(source)
     try:
@@ -165,6 +177,11 @@ def _make_block(cfg, block_index: int):
 def _load_and_process_state_dict(self, state_dict, *args: Any, **kwargs: Any):
     bound = inspect.signature(_ORIGINAL["load_and_process_state_dict"]).bind(self, state_dict, *args, **kwargs)
     bound.apply_defaults()
+    # Every processing route (from_pretrained, process_weights_, a direct call) honours the
+    # architecture's supports_fold_ln: TransformerLens would fold into weights it does not know.
+    if bound.arguments["fold_ln"] and not _model_folds_ln(self.cfg):
+        _warn_fold_ln(self.cfg.original_architecture, "processing", stacklevel=3)
+        bound.arguments["fold_ln"] = False
     # Evaluate TransformerLens's rule before loading: fold_ln may rewrite normalization_type.
     applied = [step for step, applies in RESIDUAL_STEPS.items() if bound.arguments[step] and applies(self.cfg)]
     result = _ORIGINAL["load_and_process_state_dict"](*bound.args, **bound.kwargs)

@@ -11,6 +11,10 @@ strides, dtype) with the bytes actually behind it: a crafted file of a few KB wh
 stride 0 (or overlapping strides) and a huge shape would otherwise make a copy allocate gigabytes.
 Casting to a narrower dtype is checked too (:func:`check_fits`): weights that overflow float16
 become inf and are refused, not loaded.
+
+The result always owns its memory, even when no conversion is needed: a tensor left backed
+by the mapping would change when the file is rewritten in place and raise SIGBUS when the
+file is truncated (SAELens users expect a loaded SAE to be independent of its file).
 """
 
 from __future__ import annotations
@@ -128,15 +132,11 @@ def materialize(
     source: str,
     key: str,
 ) -> torch.Tensor:
-    """Return ``src`` (or ``src.T``) on ``device`` in ``dtype``, contiguous, checked finite.
+    """Return a copy of ``src`` (or ``src.T``) on ``device`` in ``dtype``, contiguous, checked finite.
 
-    When no copy is needed (CPU, same dtype, no transpose) the mapped tensor itself is
-    returned, so the weights stay file-backed and are paged in on demand.
+    The copy is made block by block and each source block is dropped once copied, so the peak
+    extra memory is the output plus one block, and the output never refers to the mapping.
     """
-    if not transpose and device.type == "cpu" and dtype == src.dtype:
-        for start, stop in _row_blocks(src):
-            check_finite(src[start:stop], source, key)
-        return src
     shape = (src.shape[1], src.shape[0]) if transpose else tuple(src.shape)
     out = torch.empty(shape, dtype=dtype, device=device)
     for start, stop in _row_blocks(src):

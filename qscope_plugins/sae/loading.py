@@ -18,7 +18,7 @@ from ..catalog import LAYER_FILE, SAEGroup, find_group, parse_repo_name
 from ._mmap import cast, check_layout, materialize
 from .features import FeatureSubset, subset_from_rows
 from .format import SAEFormatError, as_index, check_finite, check_shapes, read_layer_file
-from .topk import QwenScopeSAE, make_config
+from .topk import SAELENS_METADATA, QwenScopeSAE, make_config
 
 CONVERTED_WEIGHTS = "sae_weights.safetensors"
 CONVERTED_CONFIG = "cfg.json"
@@ -390,7 +390,10 @@ def _load_converted(resolved, *, k, device, dtype, relu, ids):
     dtype = dtype or tensors["W_enc"].dtype
     for key, value in tensors.items():
         check_finite(value, name, key)
-    meta = {**sidecar.get("metadata", {}), **_metadata(resolved)}
+    # Sidecars written before SAELENS_METADATA existed carry None there: keep the defaults.
+    stored = {key: value for key, value in sidecar.get("metadata", {}).items()
+              if value is not None or key not in SAELENS_METADATA}
+    meta = {**stored, **_metadata(resolved)}
     cfg = make_config(d_model, d_sae, k, layer=resolved.layer, relu=relu, dtype=dtype, device=device,
                       model_name=meta.get("model_name"), hf_hook_name=meta.get("hf_hook_name"),
                       metadata={key: value for key, value in meta.items()

@@ -4,18 +4,26 @@ Math (``../shared/qwen_scope_facts.md`` §1): ``pre = W_enc x + b_enc`` (no ``b_
 pre-subtraction, no input normalisation), ``z = ReLU(TopK_k(pre))``, ``x_hat = W_dec z + b_dec``.
 
 SAELens stores ``W_enc`` as ``(d_in, d_sae)`` and ``W_dec`` as ``(d_sae, d_in)``. Here
-``W_enc`` is a transposed *view* of the released ``(d_sae, d_model)`` rows (no copy at load
-time; the GEMM reads either layout at the same speed), and ``W_dec`` is contiguous with one row
-per feature, which is what sparse decoding gathers from.
+``W_enc`` is a transposed *view* of the released ``(d_sae, d_model)`` rows (kept in that
+layout, in memory the SAE owns; the GEMM reads either layout at the same speed), and ``W_dec``
+is contiguous with one row per feature, which is what sparse decoding gathers from.
 
 The sparse path (``encode_sparse`` / ``decode_sparse``) never builds an ``N x d_sae`` code
 tensor; long inputs are processed in chunks of rows (``chunk_bytes``) so not even the
 pre-activations of the whole input exist at once. The dense ``encode`` / ``decode`` /
 ``forward`` keep SAELens semantics and hooks for ``HookedSAETransformer`` and friends.
+
+SAELens's ``TopKSAE`` options mean the same on every path (dense and sparse, encode and decode,
+``fold_W_dec_norm``), whether set at construction or later on ``sae.cfg``; the released SAEs use
+neither: ``apply_b_dec_to_input`` subtracts ``b_dec`` from the input before encoding, and
+``rescale_acts_by_decoder_norm`` selects and returns ``pre * ||W_dec[f]||`` and divides by the
+norm again before decoding (``fold_W_dec_norm`` then folds the norms into the weights, same
+function). ``normalize_activations`` other than ``"none"`` is refused.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -64,8 +72,9 @@ class QwenScopeSAE(TopKSAE):
     def __init__(self, cfg: QwenScopeSAEConfig, use_error_term: bool = False):
         if cfg.k > cfg.d_sae:
             raise ValueError(f"k={cfg.k} exceeds d_sae={cfg.d_sae}")
-        if cfg.apply_b_dec_to_input or cfg.normalize_activations != "none":
-            raise ValueError("Qwen-Scope SAEs read raw residuals: apply_b_dec_to_input=False, normalize_activations='none'")
+        if cfg.normalize_activations != "none":
+            raise ValueError(f"normalize_activations={cfg.normalize_activations!r} is not supported: Qwen-Scope SAEs "
+                             "read raw residuals (use normalize_activations='none')")
         super().__init__(cfg, use_error_term)
 
     # ------------------------------------------------------------------ construction
@@ -117,9 +126,11 @@ class QwenScopeSAE(TopKSAE):
     # ------------------------------------------------------------------ metadata
     @property
     def layer(self) -> int | None:
-        """Decoder layer read by this SAE (parsed from ``blocks.{n}.hook_resid_post``)."""
+        """Decoder layer read by this SAE (from ``blocks.{n}.hook_resid_post`` or an HF ``...layers.{n}``)."""
         parts = (self.cfg.metadata.hook_name or "").split(".")
-        return int(parts[1]) if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit() else None
+        if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit():
+            return int(parts[1])
+        return int(parts[-1]) if len(parts) > 1 and parts[-2] == "layers" and parts[-1].isdigit() else None
 
     @property
     def k(self) -> int:
@@ -127,13 +138,16 @@ class QwenScopeSAE(TopKSAE):
 
     # ------------------------------------------------------------------ encoder
     def encode_pre(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw pre-activations ``W_enc x + b_enc`` (before Top-k and ReLU), shape ``(..., d_sae)``."""
+        """Raw pre-activations ``W_enc x + b_enc`` (before any decoder-norm rescaling, Top-k and ReLU;
+        ``x - b_dec`` in place of ``x`` under ``apply_b_dec_to_input``), shape ``(..., d_sae)``."""
         return self.hook_sae_acts_pre(self.process_sae_in(x) @ self.W_enc + self.b_enc)
 
     @override
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Dense codes ``ReLU(TopK_k(pre))`` (SAELens-compatible; hooks fire)."""
         pre = self.encode_pre(x)
+        if self.cfg.rescale_acts_by_decoder_norm:
+            pre = pre * self.W_dec.norm(dim=-1)
         values, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)
         if self.cfg.relu:
             values = values.relu()
@@ -145,13 +159,20 @@ class QwenScopeSAE(TopKSAE):
         Runs the fastest exact path for the device (see :mod:`qscope_plugins.sae.kernels`);
         under ``torch.no_grad()`` / ``inference_mode()`` the Triton path can be taken on CUDA.
         """
-        values, indices = topk_encode(self._check_input(x), self.W_enc.T, self.b_enc, self.cfg.k,
-                                      chunk_bytes=self.chunk_bytes)
+        x, W_rows, b_enc = self._check_input(x), self.W_enc.T, self.b_enc
+        if self.cfg.apply_b_dec_to_input:
+            x = x - self.b_dec
+        if self.cfg.rescale_acts_by_decoder_norm:
+            norms = self.W_dec.norm(dim=-1)
+            W_rows, b_enc = W_rows * norms[:, None], b_enc * norms
+        values, indices = topk_encode(x, W_rows, b_enc, self.cfg.k, chunk_bytes=self.chunk_bytes)
         return TopKCodes(values.relu() if self.cfg.relu else values, indices)
 
     # ------------------------------------------------------------------ decoder
     def decode_sparse(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """``x_hat = sum_i values_i W_dec[indices_i] + b_dec``, shape ``(..., d_in)``."""
+        if self.cfg.rescale_acts_by_decoder_norm:
+            values = values / self.W_dec.norm(dim=-1)[indices]
         return sparse_decode(values, indices, self.W_dec, self.b_dec, chunk_bytes=self.chunk_bytes)
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
@@ -186,6 +207,24 @@ class QwenScopeSAE(TopKSAE):
         state_dict["W_enc"] = state_dict["W_enc"].contiguous()
 
 
+SAELENS_METADATA: dict = {
+    # Qwen tokenizers define no BOS token and the HF tokenizer (the model cards' demo) prepends
+    # nothing, so the SAEs read activations of raw text; with prepend_bos=True TransformerLens
+    # would put its stand-in BOS (the EOS token, <|endoftext|>) first, a position the SAEs never saw.
+    "prepend_bos": False,
+    # The training context length is not published; 1024 is SAELens's own placeholder for these
+    # SAEs (its qwen_scope loader), a length the Qwen3 / Qwen3.5 models handle natively.
+    "context_size": 1024,
+    # The training data ("in-house pretraining data") is not released.
+    "dataset_path": None,
+    "exclude_special_tokens": False,
+    # HF activations; TransformerLens's default processing leaves the residual stream of these
+    # RMSNorm models unchanged (docs/models.md), so nothing needs to be switched off.
+    "model_from_pretrained_kwargs": {},
+}
+"""Metadata every loaded SAE carries for SAELens's tools (copied into each config)."""
+
+
 def make_config(
     d_model: int,
     d_sae: int,
@@ -199,7 +238,12 @@ def make_config(
     hf_hook_name: str | None = None,
     metadata: dict | None = None,
 ) -> QwenScopeSAEConfig:
-    """A config with the Qwen-Scope conventions and SAELens metadata filled in."""
+    """A config with the Qwen-Scope conventions and the SAELens metadata its tools read.
+
+    ``ActivationsStore.from_sae`` and ``sae_lens.evals`` need ``context_size``, ``prepend_bos`` and
+    ``model_from_pretrained_kwargs`` (a dict: ``evals`` unpacks it); the values are
+    :data:`SAELENS_METADATA`, and ``metadata`` overrides any of them.
+    """
     from sae_lens.saes.sae import SAEMetadata
     from sae_lens.util import dtype_to_str
 
@@ -216,9 +260,7 @@ def make_config(
         "hook_name": f"blocks.{layer}.hook_resid_post" if layer is not None else None,
         "hf_hook_name": hf_hook_name,
         "hook_head_index": None,
-        "prepend_bos": False,
-        "context_size": None,
-        "dataset_path": None,
+        **copy.deepcopy(SAELENS_METADATA),
         **(metadata or {}),
     }
     return QwenScopeSAEConfig(

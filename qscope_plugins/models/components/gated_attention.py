@@ -21,8 +21,9 @@ from .zero_centred_rms_norm import ZeroCentredRMSNorm
 class OutputGatedAttention(GroupedQueryAttention):
     """``GroupedQueryAttention`` + ``z * sigmoid(x @ W_G + b_G)`` before ``W_O``.
 
-    Hooks added to TransformerLens's: ``hook_gate`` (pre-sigmoid gate,
-    ``[batch, pos, head, d_head]``). ``hook_z`` keeps its TransformerLens meaning (pattern @ v);
+    Hooks added to TransformerLens's: ``hook_gate`` (pre-sigmoid gate, ``[batch, pos, head * d_head]``,
+    head-major: flat so that TransformerLens's cache slicing, which finds the position axis by
+    hook name, cuts positions). ``hook_z`` keeps its TransformerLens meaning (pattern @ v);
     ``W_O`` reads ``hook_z * sigmoid(hook_gate)``.
     """
 
@@ -39,7 +40,8 @@ class OutputGatedAttention(GroupedQueryAttention):
         self._pending_gate: torch.Tensor | None = None
 
     def calculate_qkv_matrices(self, query_input, key_input, value_input):
-        self._pending_gate = self.hook_gate(simple_attn_linear(query_input, self.W_G, self.b_G))
+        gate = simple_attn_linear(query_input, self.W_G, self.b_G)
+        self._pending_gate = self.hook_gate(gate.flatten(-2)).unflatten(-1, gate.shape[-2:])
         return super().calculate_qkv_matrices(query_input, key_input, value_input)
 
     def calculate_z_scores(self, v, pattern):

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 from transformer_lens.hook_points import HookPoint
-from transformers.models.qwen3_5 import modeling_qwen3_5 as _hf
+from transformers.activations import ACT2FN
+from transformers.models.qwen3_5 import modeling_qwen3_5 as _hf_qwen3_5
 from transformers.models.qwen3_5.modeling_qwen3_5 import (
     Qwen3_5RMSNormGated,
     torch_chunk_gated_delta_rule,
@@ -24,19 +25,26 @@ from transformers.models.qwen3_5.modeling_qwen3_5 import (
 from .recurrent_cache import recurrent_state, store
 
 
-
-def _torch_causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias=None, activation: str | None = None):
-    """The causal depthwise conv of ``x`` ``[batch, channels, pos]``, as HF's conv1d fallback computes it."""
+def _torch_conv1d_fn(x, weight, bias=None, activation=None, **_):
+    """Causal depthwise conv over ``[batch, channels, pos]`` (transformers >= 5.24's torch fallback)."""
     out = F.conv1d(x.to(weight.dtype), weight.unsqueeze(1), bias, padding=weight.shape[-1] - 1, groups=x.shape[1])
     out = out[..., : x.shape[-1]]
-    return (F.silu(out) if activation in ("silu", "swish") else out).to(x.dtype)
+    return (ACT2FN[activation](out) if activation else out).to(x.dtype)
 
 
-# transformers >= 5.2x defines both convs as module functions (hub-kernel aware); older releases
-# (5.9 ...) set them to None without the causal_conv1d package and let the layer fall back to its
-# own torch code: mirror that fallback, so the maths stays transformers' on every release.
-causal_conv1d_fn = getattr(_hf, "causal_conv1d_fn", None) or _torch_causal_conv1d
-causal_conv1d_update = getattr(_hf, "causal_conv1d_update", None) or _hf.torch_causal_conv1d_update
+def _torch_conv1d_update(x, conv_state, weight, bias=None, activation=None):
+    """One decode step of the conv; shifts ``conv_state`` in place (same contract as the kernel)."""
+    window = torch.cat([conv_state, x], dim=-1).to(weight.dtype)
+    conv_state.copy_(window[..., -conv_state.shape[-1]:])
+    out = F.conv1d(window, weight.unsqueeze(1), bias, groups=x.shape[1])[..., -x.shape[-1]:]
+    return (ACT2FN[activation](out) if activation else out).to(x.dtype)
+
+
+# transformers >= 5.24 defines these functions (a kernel when installed, else torch); older 5.x
+# set them to None unless the causal_conv1d package is installed, and keep the torch path inline.
+causal_conv1d_fn = getattr(_hf_qwen3_5, "causal_conv1d_fn", None) or _torch_conv1d_fn
+causal_conv1d_update = getattr(_hf_qwen3_5, "causal_conv1d_update", None) or _torch_conv1d_update
+
 
 class GatedDeltaNet(nn.Module):
     """``W_O(RMSNormGated(delta_rule(q, k, v, g, beta), gate))`` over a causal conv of q, k, v.
@@ -44,10 +52,12 @@ class GatedDeltaNet(nn.Module):
     Sizes come from the HF text config kept on ``cfg.hf_text_config``. Hooks (``b`` batch,
     ``p`` pos): ``hook_q``, ``hook_k`` ``[b, p, key_heads, key_dim]`` and ``hook_v``
     ``[b, p, value_heads, value_dim]`` after the convolution (the kernel L2-normalises q and k
-    itself); ``hook_gate`` the output gate before SiLU ``[b, p, value_heads, value_dim]``;
+    itself); ``hook_gate`` the output gate before SiLU ``[b, p, value_heads * value_dim]``;
     ``hook_beta`` the write strength ``[b, p, value_heads]``; ``hook_g`` the log-space decay
     ``[b, p, value_heads]``; ``hook_recurrent_out`` the delta-rule output
-    ``[b, p, value_heads, value_dim]``.
+    ``[b, p, value_heads * value_dim]``. The last two are flat (head-major) because
+    TransformerLens's cache slicing finds the position axis by hook name: ``-3`` only for names
+    ending in ``hook_q/k/v/z/result``, ``-2`` for every other hook.
     """
 
     def __init__(self, cfg, layer_id: int | None = None):
@@ -86,12 +96,12 @@ class GatedDeltaNet(nn.Module):
         q = self.hook_q(q.reshape(batch, pos, -1, self.d_k))
         k = self.hook_k(k.reshape(batch, pos, -1, self.d_k))
         v = self.hook_v(v.reshape(batch, pos, -1, self.d_v))
-        gate = self.hook_gate((x @ self.W_gate).reshape(batch, pos, -1, self.d_v))
+        gate = self.hook_gate(x @ self.W_gate)
         beta = self.hook_beta((x @ self.W_beta).sigmoid())
         g = self.hook_g(-self.A_log.float().exp() * F.softplus((x @ self.W_decay).float() + self.dt_bias))
 
-        if v.shape[2] > k.shape[2]:  # value heads share key heads, as in HF (older kernels leave it to the caller)
-            q, k = (t.repeat_interleave(v.shape[2] // k.shape[2], dim=2) for t in (q, k))
+        if q.shape[-2] != v.shape[-2]:  # transformers < 5.24's rules expect one q/k head per value head
+            q, k = (t.repeat_interleave(v.shape[-2] // t.shape[-2], dim=-2) for t in (q, k))
         initial = state.recurrent if state is not None else None
         rule = torch_recurrent_gated_delta_rule if initial is not None and pos == 1 else torch_chunk_gated_delta_rule
         out, final = rule(
@@ -100,7 +110,7 @@ class GatedDeltaNet(nn.Module):
         )
         if past_kv_cache_entry is not None:
             store(past_kv_cache_entry, conv_state, final)
-        out = self.hook_recurrent_out(out)
+        out = self.hook_recurrent_out(out.flatten(-2))
         normed = self.norm(out.reshape(-1, self.d_v), gate.reshape(-1, self.d_v))
         return normed.reshape(batch, pos, -1) @ self.W_O.reshape(-1, self.cfg.d_model)
 
