@@ -170,7 +170,8 @@ def test_doctor(capsys):
     for name in ("torch", "transformers", "sae-lens"):
         assert rows[name]["version"] == installed(name) and rows[name]["in_window"] == in_window(name)
     assert rows["triton"]["window"] is None
-    assert set(report["registrations"]) >= {"saelens", "transformer_lens", "nnsight"}
+    assert set(report["registrations"]) == {"sae_lens", "transformer_lens", "nnsight"}  # keyed by framework
+    assert all(value["state"] == "registered" for value in report["registrations"].values())
     assert isinstance(report["accelerators"]["cuda_available"], bool)
     assert report["verdict"].startswith("OK: " if report["ok"] else "PROBLEM: ")
     assert main(["doctor"]) == status
@@ -206,12 +207,22 @@ def test_doctor_verdict_names_a_version_outside_the_window():
                                "registration with nnsight failed: ImportError: boom")
 
 
-def test_doctor_uses_registration_status_when_the_package_has_it(monkeypatch):
+def test_doctor_reports_registration_status(monkeypatch):
     import qscope_plugins
+    from qscope_plugins._register import FrameworkStatus
     from qscope_plugins.cli import doctor
 
-    monkeypatch.setattr(qscope_plugins, "registration_status", lambda: {
-        "sae_lens": {"version": "6.54.12", "in_window": True, "registered": ["qwen-scope"], "error": None}},
-        raising=False)
-    assert doctor.registration_status() == {
-        "sae_lens": {"version": "6.54.12", "in_window": True, "registered": ["qwen-scope"], "error": None}}
+    refused = FrameworkStatus("sae_lens", "sae-lens", "7.0.0", ">=6.54,<6.55", False, True, "refused",
+                              error="sae-lens 7.0.0 is outside the tested window sae-lens>=6.54,<6.55")
+    done = FrameworkStatus("transformer_lens", "transformer-lens", "3.9.0", ">=3.9,<4", True, True, "registered",
+                           registered={"transformer_lens": ["HookedTransformer:Qwen3ForCausalLM"],
+                                       "bridge": ["workaround:x"]})
+    monkeypatch.setattr(qscope_plugins, "register", lambda: {})
+    monkeypatch.setattr(qscope_plugins, "registration_status", lambda: {"sae_lens": refused, "transformer_lens": done})
+    status = doctor.registration_status()
+    assert status["transformer_lens"]["registered"] == ["HookedTransformer:Qwen3ForCausalLM", "workaround:x"]
+    assert status["transformer_lens"]["state"] == "registered" and status["transformer_lens"]["error"] is None
+    assert status["sae_lens"]["state"] == "refused" and status["sae_lens"]["registered"] == []
+    ok, line = doctor.verdict({"packages": [], "registrations": status, "accelerators": {}})
+    assert not ok and line == ("PROBLEM: registration with sae_lens failed: "
+                               "sae-lens 7.0.0 is outside the tested window sae-lens>=6.54,<6.55")

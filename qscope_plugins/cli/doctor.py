@@ -39,34 +39,25 @@ def package_rows() -> list[dict]:
 
 
 def registration_status() -> dict[str, dict]:
-    """Per framework integration: ``{"registered": [...], "error": str | None}``.
+    """Per framework: ``qscope_plugins.registration_status()`` as plain dicts, after registering everything.
 
-    Uses ``qscope_plugins.registration_status()`` where the package provides it; otherwise calls
-    :func:`qscope_plugins.register` (idempotent) and reports what it returned, or its error.
+    ``register()`` imports every installed framework (seconds), so that doctor reports what each one
+    really got; a failure inside it is reported, doctor itself does not fail.
     """
+    import dataclasses
+
     import qscope_plugins
 
-    status = getattr(qscope_plugins, "registration_status", None)
-    if callable(status):
-        try:
-            raw = status()
-        except Exception as err:  # report it; doctor itself must not fail
-            return {"*": {"registered": [], "error": f"{type(err).__name__}: {err}"}}
-        out = {}
-        for name, value in dict(raw).items():
-            value = value if isinstance(value, dict) else {"registered": value}
-            registered = value.get("registered") or []
-            out[name] = {**value, "registered": list(registered) if not isinstance(registered, str) else [registered],
-                         "error": value.get("error")}
-        return out
-    from ..integrations import INTEGRATIONS
-
     try:
-        done = qscope_plugins.register()
-    except Exception as err:
-        return {name: {"framework": fw, "registered": [], "error": f"{type(err).__name__}: {err}"}
-                for name, fw in INTEGRATIONS}
-    return {name: {"framework": fw, "registered": list(done.get(name, [])), "error": None} for name, fw in INTEGRATIONS}
+        qscope_plugins.register()
+    except Exception as err:  # report it; doctor itself must not fail
+        return {"*": {"state": "failed", "registered": [], "error": f"{type(err).__name__}: {err}"}}
+    out = {}
+    for name, status in qscope_plugins.registration_status().items():
+        value = dataclasses.asdict(status)
+        value["registered"] = [item for items in value["registered"].values() for item in items]
+        out[name] = value
+    return out
 
 
 def accelerators() -> dict:
@@ -164,8 +155,9 @@ def _text(report: dict) -> str:
     lines.append("")
     lines.append("registrations:")
     for name, value in report["registrations"].items():
-        what = ", ".join(value["registered"]) or "nothing new (framework absent or already registered)"
-        lines.append(f"  {name}: " + (f"ERROR {value['error']}" if value.get("error") else what))
+        what = ", ".join(value["registered"]) or "nothing registered"
+        state = value.get("state", "")
+        lines.append(f"  {name} ({state}): " + (f"ERROR {value['error']}" if value.get("error") else what))
     acc = report["accelerators"]
     lines.append("")
     lines.append(f"CUDA: {'available' if acc['cuda_available'] else 'not available'}"
