@@ -20,7 +20,7 @@ def _find(*names: str) -> str | None:
     return next((p for p in map(shutil.which, names) if p), None)
 
 
-def chrome():
+def chrome(*extra_flags: str):
     """A selenium Chrome driver on the system Chromium, with a fresh empty profile."""
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
     from selenium.webdriver.chrome.service import Service
@@ -31,7 +31,7 @@ def chrome():
         pytest.skip("no Chromium / chromedriver on PATH (apt-get install chromium chromium-driver)")
     options = webdriver.ChromeOptions()
     options.binary_location = binary
-    for flag in FLAGS:
+    for flag in (*FLAGS, *extra_flags):
         options.add_argument(flag)
     profile = tempfile.mkdtemp(prefix="qscope-chrome-")
     options.add_argument(f"--user-data-dir={profile}")

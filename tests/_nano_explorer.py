@@ -50,3 +50,8 @@ def b_text() -> str:
 
 def a_text() -> str:
     return corpus_generator().documents(901, 1, lang="A", toxic=False, cues=False)[0].text
+
+
+def switch_prompt() -> str:
+    """Language-A text ending in a cue: greedy decoding switches into B, unless the feature is clamped."""
+    return corpus_generator().switch_prompts(902, 1)[0][0]
