@@ -9,32 +9,9 @@ from __future__ import annotations
 
 import os
 
+from ._compat import preload_anyio
 from .explorer import CUSTOM_DEFAULT, Explorer
 from .html import CSS
-
-
-# anyio (under Gradio's server) requires every public attribute of a TypedAttributeSet subclass to be
-# annotated, and nnsight mounts ``save`` on ``object``; those anyio modules are imported lazily, per
-# request, and then fail. They are imported here once, with nnsight's mount lifted meanwhile.
-_ANYIO_TYPED = ("anyio.abc", "anyio.streams.file", "anyio.streams.tls", "anyio._backends._asyncio")
-
-
-def _preload_anyio() -> None:
-    import importlib
-    import sys
-
-    nnsight = sys.modules.get("nnsight")
-    mounted = nnsight is not None and "save" in vars(object)
-    if mounted:
-        from nnsight._c import mount, unmount
-
-        unmount("save")
-    try:
-        for name in _ANYIO_TYPED:
-            importlib.import_module(name)
-    finally:
-        if mounted:
-            mount(nnsight.save, "save")
 
 
 def _gradio():
@@ -43,7 +20,7 @@ def _gradio():
         import gradio as gr
     except ImportError:
         raise ValueError("the app needs Gradio: pip install 'qscope-plugins[app]'") from None
-    _preload_anyio()
+    preload_anyio()
     return gr
 
 
@@ -78,7 +55,7 @@ def build_app(explorer: Explorer):
             text_go = gr.Button("Analyze", variant="primary", elem_id="text-run")
             text_out = gr.HTML(elem_id="text-heatmap")
             text_go.click(guard(lambda t, ls, k, raw, first: explorer.text(t, ls, int(k), raw, first).html),
-                          [text, text_layers, text_k, text_raw, text_first], text_out)
+                          [text, text_layers, text_k, text_raw, text_first], text_out, api_name="text")
 
         with gr.Tab("Compare", elem_id="tab-compare"):
             multi = gr.Checkbox(False, label="Text sets (one text per line)")
@@ -99,7 +76,7 @@ def build_app(explorer: Explorer):
                 return explorer.compare(split(a), split(b), ls, int(k), first, shared, prefix)[1]
 
             cmp_go.click(guard(run_compare), [multi, text_a, text_b, cmp_layers, cmp_k, cmp_first, cmp_shared,
-                                              cmp_prefix], cmp_out)
+                                              cmp_prefix], cmp_out, api_name="compare")
 
         with gr.Tab("Steer", elem_id="tab-steer"):
             prompt = gr.Textbox(label="Prompt", lines=3, elem_id="steer-prompt")
@@ -126,7 +103,7 @@ def build_app(explorer: Explorer):
                 return r["baseline"], r["steered"], r["command"]
 
             st_go.click(guard(run_steer), [prompt, st_layer, st_feats, st_preset, st_custom, st_pos, st_gen,
-                                           st_mode, st_len], [st_base, st_out, st_cmd])
+                                           st_mode, st_len], [st_base, st_out, st_cmd], api_name="steer")
 
         with gr.Tab("Feature", elem_id="tab-feature"):
             with gr.Row():
@@ -134,7 +111,8 @@ def build_app(explorer: Explorer):
                 fp_id = gr.Number(0, precision=0, label="Feature", elem_id="feature-id")
                 fp_go = gr.Button("Open", variant="primary", elem_id="feature-run")
             fp_out = gr.HTML(elem_id="feature-page")
-            fp_go.click(guard(lambda n, f: explorer.feature(int(n), int(f or 0))), [fp_layer, fp_id], fp_out)
+            fp_go.click(guard(lambda n, f: explorer.feature(int(n), int(f or 0))), [fp_layer, fp_id], fp_out,
+                        api_name="feature")
 
         with gr.Tab("Monitor", elem_id="tab-monitor"):
             clf_path = gr.Textbox(label="Classifier JSON (path, from qscope classify fit)", elem_id="monitor-path")
@@ -149,7 +127,7 @@ def build_app(explorer: Explorer):
                     raise ValueError("give the path of a classifier JSON")
                 return explorer.monitor(FeatureClassifier.load(path.strip()), t)[2]
 
-            mon_go.click(guard(run_monitor), [clf_path, mon_text], mon_out)
+            mon_go.click(guard(run_monitor), [clf_path, mon_text], mon_out, api_name="monitor")
     return demo
 
 

@@ -1,0 +1,56 @@
+"""``qscope app`` as a command: it serves on 127.0.0.1 from the CLI, and fails cleanly without its extra."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from _nano_explorer import index_dir
+
+from qscope_plugins.cli import main
+
+
+def test_app_without_gradio_is_one_error_line(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # import fails as when the extra is not installed
+    assert main(["app"]) == 2
+    assert capsys.readouterr().err.strip() == "qscope app: error: the app needs Gradio: pip install 'qscope-plugins[app]'"
+
+
+def test_gradio_server_works_after_nnsight_mounted_save():
+    """nnsight mounts ``save`` on ``object``; anyio's lazily imported TypedAttributeSet classes must still load."""
+    code = ("import nnsight\nfrom qscope_plugins.app._compat import preload_anyio\npreload_anyio()\n"
+            "assert 'save' in vars(object)\nimport anyio.abc, anyio.streams.tls\nprint('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_cli_app_serves_on_localhost(tmp_path):
+    pytest.importorskip("gradio")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, "-m", "qscope_plugins", "app", "--layers", "2-3", "--index",
+                             str(index_dir()), "--port", str(port)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, page = time.monotonic() + 90, None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read().decode()
+                break
+            except OSError:
+                time.sleep(0.5)
+        assert page is not None, proc.stdout.read() if proc.poll() is not None else "no answer"
+        assert "qscope explorer" in page
+        assert not (tmp_path / "cache").exists()  # --index given: nothing built in the cache
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
