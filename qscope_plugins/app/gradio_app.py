@@ -8,6 +8,7 @@ asked for, and server-side rendering (a Node process) is off.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from ._compat import preload_anyio
 from .explorer import CUSTOM_DEFAULT, Explorer
@@ -30,6 +31,13 @@ def _ids(text: str) -> list[int]:
     return parse_ids(text, 10**9, "feature")
 
 
+def _short(path: str) -> str:
+    """The bundled nano files by name, anything else as given."""
+    from ..demo.assets import ASSETS
+
+    return f"nano/{Path(path).name} (bundled)" if Path(path).resolve().is_relative_to(ASSETS) else path
+
+
 def build_app(explorer: Explorer):
     """The ``gr.Blocks`` of the explorer (not launched)."""
     gr = _gradio()
@@ -44,7 +52,7 @@ def build_app(explorer: Explorer):
         return run
 
     with gr.Blocks(title="qscope explorer", analytics_enabled=False) as demo:
-        gr.Markdown(f"### qscope explorer &middot; `{explorer.model}` &middot; SAEs `{explorer.sae}`")
+        gr.Markdown(f"### qscope explorer &middot; `{_short(explorer.model)}` &middot; SAEs `{_short(explorer.sae)}`")
         with gr.Tab("Text", elem_id="tab-text"):
             text = gr.Textbox(label="Text", lines=4, elem_id="text-input")
             with gr.Row():
