@@ -54,3 +54,20 @@ def test_cli_app_serves_on_localhost(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_nano_app_builds_its_index_once_in_the_cache(tmp_path, monkeypatch):
+    from _nano_explorer import nano
+
+    from qscope_plugins.cli import _explorer, app
+    from qscope_plugins.recipes.feature_index import FeatureIndex
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(_explorer, "DEMO_DOCS", 16)  # a small demo corpus keeps the test fast
+    backend, saes, _ = nano()
+    first = app._nano_index(backend, {3: saes[3]})
+    assert first == tmp_path / "qscope" / "nano-index-layers3"
+    stamp = (first / "layer3.npz").stat().st_mtime_ns
+    assert app._nano_index(backend, {3: saes[3]}) == first  # reused, not rebuilt
+    assert (first / "layer3.npz").stat().st_mtime_ns == stamp
+    assert FeatureIndex.open(first).config.n_docs == 16

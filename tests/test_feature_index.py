@@ -173,3 +173,17 @@ def test_cli_index_then_dashboard(tmp_path, capsys):
     assert not (tmp_path / "d2").exists()
     assert main(["index", "--layers", "7", "--out", str(tmp_path / "bad")]) == 2
     assert "layer 7 is out of range" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_tokens_split_inside_a_character_display_exactly():
+    from qscope_plugins.recipes.token_text import display, single, token_bytes
+
+    backend, _, _ = nano()
+    tok = backend.tokenizer
+    table = token_bytes(tok, len(tok))
+    text = "Duki ሀ𝄞 , 峟 75 ."  # the first two characters are not in the nano vocabulary: byte tokens
+    ids = tok(text)["input_ids"]
+    assert any(single(t, table).startswith("b'") for t in ids)  # some token holds part of a character
+    assert "\ufffd" in "".join(tok.decode([t]) for t in ids)  # what one-at-a-time decoding shows
+    shown = display(ids, table)
+    assert len(shown) == len(ids) and "".join(shown) == tok.decode(ids) == text

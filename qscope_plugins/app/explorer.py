@@ -43,6 +43,9 @@ class Explorer:
                  index=None, backend_kind: str = "hf") -> None:
         self.backend, self.saes = backend, dict(saes)
         self.model, self.sae, self.k, self.index, self.backend_kind = model, sae, k, index, backend_kind
+        from ..recipes.token_text import token_bytes
+
+        self._bytes = token_bytes(backend.tokenizer, len(backend.tokenizer))
         self.comparison: dict[tuple[int, int], float] = {}
         """``|rate_diff|`` of each compared ``(layer, feature)``, for the presets."""
 
@@ -51,7 +54,9 @@ class Explorer:
         return sorted(self.saes)
 
     def _tokens(self, ids: Sequence[int]) -> list[str]:
-        return [self.backend.tokenizer.decode([t]) for t in ids]
+        from ..recipes.token_text import display
+
+        return display(ids, self._bytes)
 
     def _layers(self, layers) -> list[int]:
         chosen = [int(n) for n in (layers or self.layers)]

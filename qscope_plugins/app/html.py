@@ -16,7 +16,7 @@ CSS = """
 .qs-page h2 { margin: 0.2em 0; } .qs-page h3 { margin: 1em 0 0.3em; }
 .qs-ctx { font-family: ui-monospace, monospace; white-space: pre-wrap; line-height: 1.9; margin: 2px 0;
   padding: 3px 6px; border-bottom: 1px solid #eee; }
-.qs-tok { border-radius: 3px; padding: 1px 0; }
+.qs-tok { border-radius: 3px; padding: 1px 0; display: inline-block; min-width: 0.25em; }
 .qs-peak { outline: 1px solid #c33; }
 .qs-stats td, .qs-stats th, .qs-table td, .qs-table th { padding: 2px 10px; text-align: left; }
 .qs-table { border-collapse: collapse; } .qs-table tr:nth-child(even) { background: #f6f6f6; }
@@ -48,7 +48,7 @@ def highlight(tokens: Sequence[str], acts: Sequence[float], vmax: float, peak: i
 
 
 def context_html(page: FeaturePage, ctx: Context, vmax: float) -> str:
-    tokens = [page.token(t) for t in ctx.token_ids]
+    tokens = page.text(ctx.token_ids)
     head = f'<span class="qs-muted">doc {ctx.doc} &middot; max {ctx.max_act:.2f}</span> '
     return f'<div class="qs-ctx">{head}{highlight(tokens, ctx.acts, vmax, ctx.peak - ctx.start)}</div>'
 

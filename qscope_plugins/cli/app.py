@@ -31,7 +31,8 @@ def _nano_index(backend, saes) -> Path:
     """The nano demo index in the user cache, built on first use (resumable, reused afterwards)."""
     from ..recipes.feature_index import build_index
 
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qscope" / "nano-index"
+    name = "nano-index-layers" + "_".join(str(n) for n in sorted(saes))  # one index per layer choice
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qscope" / name
     texts, described = load_corpus(DEMO_DATA, NANO)
     build_index(backend, saes, texts, cache, model="nano (bundled)", sae_source="nano (bundled)",
                 extra={"data": described}, progress=True)

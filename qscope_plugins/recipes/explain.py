@@ -119,12 +119,11 @@ class LocalTransformers:
         return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
-def render(context: Context, vocab_token, marks: bool = True) -> str:
+def render(context: Context, page, marks: bool = True) -> str:
     """A context as text; with ``marks``, active tokens as ``<<token>>(activation)``."""
     parts = []
-    for token_id, act in zip(context.token_ids, context.acts):
-        text = vocab_token(token_id)
-        parts.append(f"<<{text}>>({act:.1f})" if marks and act > 0 else text)
+    for text, act in zip(page.text(context.token_ids), context.acts):
+        parts.append(f"<<{text}>>({act:.1f})" if marks and act > 0 and text else text)
     return "".join(parts)
 
 
@@ -149,8 +148,8 @@ def explain_feature(index: FeatureIndex, layer: int, feature: int, explainer: Ex
     silent = random_contexts(index, layer, feature, n_random + n_detect, seed=seed)
     shown_silent, held_silent = silent[:n_random], silent[n_random:]
     held_active = [c for q in page.quantiles for c in q["contexts"] if c.doc not in shown_docs][:n_detect]
-    prompt = EXPLAIN.format(active="\n".join(f"- {render(c, page.token)}" for c in page.top),
-                            inactive="\n".join(f"- {render(c, page.token)}" for c in shown_silent))
+    prompt = EXPLAIN.format(active="\n".join(f"- {render(c, page)}" for c in page.top),
+                            inactive="\n".join(f"- {render(c, page)}" for c in shown_silent))
     started = time.time()
     lines = explainer.complete(prompt).strip().splitlines()
     explanation = lines[0].strip() if lines else ""
@@ -158,7 +157,7 @@ def explain_feature(index: FeatureIndex, layer: int, feature: int, explainer: Ex
         raise RuntimeError(f"the explainer returned an empty explanation for layer {layer} feature {feature}")
     answers = []
     for label, ctx in [(1, c) for c in held_active] + [(0, c) for c in held_silent]:
-        said = _yes(explainer.complete(DETECT.format(explanation=explanation, text=render(ctx, page.token, False))))
+        said = _yes(explainer.complete(DETECT.format(explanation=explanation, text=render(ctx, page, False))))
         answers.append((label, said))
     score = detection_score(answers)
     record = {

@@ -6,7 +6,7 @@ one feature are a contiguous slice and a page for any feature is cheap. Layout::
 
     <out>/meta.json            configuration, provenance, progress, final file hashes
     <out>/tokens.npz           corpus token ids (``tokens``) and document offsets (``offsets``)
-    <out>/vocab.json           the display string of every token id
+    <out>/vocab.json           the raw bytes (hex) of every token id
     <out>/effects.npz          per layer: logit effects and nearest features by decoder cosine
     <out>/layer{n}.npz         per feature ``f``: ``token[indptr[f]:indptr[f+1]]`` and ``value[...]``
     <out>/partial/             one file per completed batch while running
@@ -97,9 +97,11 @@ def _data_hash(tokens: np.ndarray, offsets: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def vocab_strings(tokenizer, size: int) -> list[str]:
-    """How each token id reads on its own (``decode([id])``), for rendering contexts without the tokenizer."""
-    return [tokenizer.decode([i]) for i in range(size)]
+def vocab_hex(tokenizer) -> list[str]:
+    """Every token's raw bytes, hex-encoded: contexts render byte-exactly without the tokenizer."""
+    from .token_text import token_bytes
+
+    return [b.hex() for b in token_bytes(tokenizer, len(tokenizer))]
 
 
 @torch.no_grad()
@@ -136,7 +138,7 @@ class FeatureIndex:
         self._layers: dict[int, dict[str, np.ndarray]] = {}
         self._effects: dict[str, np.ndarray] | None = None
         self._tokens: dict[str, np.ndarray] | None = None
-        self._vocab: list[str] | None = None
+        self._vocab: list[bytes] | None = None
 
     # ---- reading -------------------------------------------------------------------------------
     def _read_meta(self) -> dict:
@@ -196,9 +198,10 @@ class FeatureIndex:
         return self._effects
 
     @property
-    def vocab(self) -> list[str]:
+    def vocab(self) -> list[bytes]:
+        """Each token id's raw bytes (see :mod:`.token_text`)."""
         if self._vocab is None:
-            self._vocab = json.loads((self.directory / "vocab.json").read_text(encoding="utf-8"))
+            self._vocab = [bytes.fromhex(h) for h in json.loads((self.directory / "vocab.json").read_text())]
         return self._vocab
 
     @property
@@ -284,8 +287,7 @@ def build_index(
         (directory / "partial").mkdir(parents=True, exist_ok=True)
         completed, files = 0, {}
         _write_npz(directory, "tokens.npz", {"tokens": tokens, "offsets": offsets}, files)
-        vocab = vocab_strings(backend.tokenizer, len(backend.tokenizer))
-        atomic_write(directory / "vocab.json", json.dumps(vocab, ensure_ascii=False))
+        atomic_write(directory / "vocab.json", json.dumps(vocab_hex(backend.tokenizer)))
         head = output_head(backend)
         effects = {}
         for n in layers:

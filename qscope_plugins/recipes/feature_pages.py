@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .feature_index import FeatureIndex
+from .token_text import display, single
 
 NEURONPEDIA = "https://www.neuronpedia.org"
 
@@ -57,16 +58,21 @@ class FeaturePage:
     neuronpedia_url: str | None = None
     model: str = ""
     sae_source: str = ""
-    vocab: list[str] = field(default_factory=list, repr=False)
+    vocab: list[bytes] = field(default_factory=list, repr=False)
 
     def token(self, token_id: int) -> str:
-        return self.vocab[token_id] if 0 <= token_id < len(self.vocab) else f"<{token_id}>"
+        """One token on its own (its bytes when they are not whole characters)."""
+        return single(token_id, self.vocab)
+
+    def text(self, token_ids) -> list[str]:
+        """A context's tokens as strings that join to its exact text."""
+        return display(token_ids, self.vocab)
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data.pop("vocab")
         for ctx in data["top"] + [c for q in data["quantiles"] for c in q["contexts"]]:
-            ctx["tokens"] = [self.token(t) for t in ctx["token_ids"]]
+            ctx["tokens"] = self.text(ctx["token_ids"])
         for key in ("logits_up", "logits_down"):
             data[key] = [{"token_id": t, "token": self.token(t), "effect": v} for t, v in data[key]]
         data["neighbours"] = [{"feature": f, "cosine": c} for f, c in data["neighbours"]]
