@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -20,16 +21,9 @@ def test_app_without_gradio_is_one_error_line(monkeypatch, capsys):
     assert capsys.readouterr().err.strip() == "qscope app: error: the app needs Gradio: pip install 'qscope-plugins[app]'"
 
 
-def test_gradio_server_works_after_nnsight_mounted_save():
-    """nnsight mounts ``save`` on ``object``; anyio's lazily imported TypedAttributeSet classes must still load."""
-    code = ("import nnsight\nfrom qscope_plugins.app._compat import preload_anyio\npreload_anyio()\n"
-            "assert 'save' in vars(object)\nimport anyio.abc, anyio.streams.tls\nprint('ok')")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PYTHONPATH": os.getcwd()})
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
-
-
 def test_cli_app_serves_on_localhost(tmp_path):
+    """The real command in its own process, on the nnsight backend: nnsight mounts ``save`` on ``object``,
+    which breaks anyio's lazily imported classes under Gradio's server unless ``app._compat`` preloads them."""
     pytest.importorskip("gradio")
     import socket
 
@@ -37,7 +31,7 @@ def test_cli_app_serves_on_localhost(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": os.getcwd(), "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    proc = subprocess.Popen([sys.executable, "-m", "qscope_plugins", "app", "--layers", "2-3", "--index",
+    proc = subprocess.Popen([sys.executable, "-m", "qscope_plugins", "app", "--backend", "nnsight", "--layers", "2-3", "--index",
                              str(index_dir()), "--port", str(port)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
@@ -50,6 +44,8 @@ def test_cli_app_serves_on_localhost(tmp_path):
                 time.sleep(0.5)
         assert page is not None, proc.stdout.read() if proc.poll() is not None else "no answer"
         assert "qscope explorer" in page
+        config = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=5).read())
+        assert {"text", "compare", "steer", "feature", "monitor"} <= {d.get("api_name") for d in config["dependencies"]}
         assert not (tmp_path / "cache").exists()  # --index given: nothing built in the cache
     finally:
         proc.terminate()

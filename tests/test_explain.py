@@ -127,3 +127,21 @@ def test_unreachable_endpoint_is_one_error_line(index, capsys):
     assert rc == 1 and err.startswith(f"qscope explain: error: layer {layer} feature {feature}: explainer endpoint")
     assert len(err.splitlines()) == 1
     assert not index.explanation_path(layer, feature).exists()
+
+
+def test_local_transformers_explainer_is_greedy_generation_of_the_prompt():
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qscope_plugins.demo.assets import ASSETS, MODEL_DIR
+    from qscope_plugins.recipes.explain import LocalTransformers
+
+    path = str(ASSETS / MODEL_DIR)
+    explainer = LocalTransformers(path, max_new_tokens=6)
+    prompt = "Duki zepi 91 zanfar ginrer . virbuna ,"
+    tok, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    assert explainer.complete(prompt) == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip() != ""
+    assert explainer.name == f"transformers:{path}"

@@ -127,7 +127,7 @@ def feature_effects(sae, head, n: int = N_EFFECTS, chunk: int = 1024) -> dict[st
 
 
 class FeatureIndex:
-    """Writes an index batch by batch, resumably (:func:`build_index`); also the reader of finished ones."""
+    """A finished (or, for resuming, partial) index on disk; :func:`build_index` writes one."""
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
@@ -201,7 +201,11 @@ class FeatureIndex:
     def vocab(self) -> list[bytes]:
         """Each token id's raw bytes (see :mod:`.token_text`)."""
         if self._vocab is None:
-            self._vocab = [bytes.fromhex(h) for h in json.loads((self.directory / "vocab.json").read_text())]
+            path = self.directory / "vocab.json"
+            data = path.read_bytes()
+            if hashlib.sha256(data).hexdigest() != self.meta["files"].get("vocab.json"):
+                raise ValueError(f"{path} does not match the hash recorded in meta.json")
+            self._vocab = [bytes.fromhex(h) for h in json.loads(data)]
         return self._vocab
 
     @property
@@ -281,18 +285,17 @@ def build_index(
         if stored.meta["complete"]:
             return FeatureIndex.open(directory)
         completed, files = int(stored.meta["completed_batches"]), dict(stored.meta["files"])
-    elif directory.exists() and any(directory.iterdir()):
+    elif directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         raise ValueError(f"{directory} exists and is not a feature index; use an empty or new --out directory")
     else:
+        head = output_head(backend)  # computed before anything is written: a failure leaves no output
+        effects = {f"l{n}_{key}": value for n in layers for key, value in feature_effects(saes[n], head).items()}
+        vocab = json.dumps(vocab_hex(backend.tokenizer))
         (directory / "partial").mkdir(parents=True, exist_ok=True)
         completed, files = 0, {}
         _write_npz(directory, "tokens.npz", {"tokens": tokens, "offsets": offsets}, files)
-        atomic_write(directory / "vocab.json", json.dumps(vocab_hex(backend.tokenizer)))
-        head = output_head(backend)
-        effects = {}
-        for n in layers:
-            for key, value in feature_effects(saes[n], head).items():
-                effects[f"l{n}_{key}"] = value
+        atomic_write(directory / "vocab.json", vocab)
+        files["vocab.json"] = hashlib.sha256(vocab.encode()).hexdigest()
         _write_npz(directory, "effects.npz", effects, files)
         _write_meta(directory, config, 0, False, files, extra)
 
