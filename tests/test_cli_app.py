@@ -49,7 +49,8 @@ def test_cli_app_serves_on_localhost(tmp_path):
         assert not (tmp_path / "cache").exists()  # --index given: nothing built in the cache
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        output = proc.communicate(timeout=30)[0]
+    assert f"qscope app: serving on http://127.0.0.1:{port}" in output
 
 
 def test_nano_app_builds_its_index_once_in_the_cache(tmp_path, monkeypatch):

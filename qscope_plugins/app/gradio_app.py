@@ -145,6 +145,10 @@ def launch(explorer: Explorer, *, port: int | None = None, share: bool = False, 
     gr = _gradio()
     demo = build_app(explorer)
     theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
-    demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=not block,
+    demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True, quiet=True,
                 ssr_mode=False, theme=theme, css=CSS, inbrowser=False)
+    if block:
+        print(f"qscope app: serving on {demo.local_url}" + (f" and {demo.share_url}" if demo.share_url else "")
+              + " (Ctrl-C stops it)", flush=True)
+        demo.block_thread()  # until Ctrl-C, which closes the server
     return demo
