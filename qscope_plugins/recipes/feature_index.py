@@ -105,11 +105,15 @@ def vocab_hex(tokenizer) -> list[str]:
 
 
 @torch.no_grad()
-def feature_effects(sae, head, n: int = N_EFFECTS, chunk: int = 1024) -> dict[str, np.ndarray]:
+def feature_effects(sae, head, n: int = N_EFFECTS, budget: int = 2**25) -> dict[str, np.ndarray]:
     """Per feature: the ``n`` tokens whose logits its decoder direction raises / lowers most (through the
-    model's final norm and unembedding, ``head``), and its ``n`` nearest features by decoder cosine."""
+    model's final norm and unembedding, ``head``), and its ``n`` nearest features by decoder cosine.
+
+    Features are taken in chunks of at most ``budget`` logits or cosines at once (128 MiB in float32)."""
     W = sae.W_dec.detach().float()  # (d_sae, d_model): row j is feature j's direction
     unit = W / W.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    vocab = head(W[:1].unsqueeze(0)).shape[-1]
+    chunk = max(1, min(1024, budget // max(vocab, W.shape[0])))
     out: dict[str, list[np.ndarray]] = {key: [] for key in ("up_ids", "up", "down_ids", "down", "nbr_ids", "nbr_cos")}
     for start in range(0, W.shape[0], chunk):
         rows = W[start : start + chunk]
