@@ -33,6 +33,7 @@ def chrome(*extra_flags: str):
     options.binary_location = binary
     for flag in (*FLAGS, *extra_flags):
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # see requested_urls()
     profile = tempfile.mkdtemp(prefix="qscope-chrome-")
     options.add_argument(f"--user-data-dir={profile}")
     driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
@@ -53,3 +54,22 @@ def screenshot(driver, path: Path) -> Path:
     driver.save_screenshot(str(path))
     assert path.stat().st_size > 1000
     return path
+
+
+def requested_urls(driver) -> list[str]:
+    """Every URL the browser requested since the last call (from Chrome's performance log)."""
+    import json
+
+    urls = []
+    for entry in driver.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message.get("method") == "Network.requestWillBeSent":
+            urls.append(message["params"]["request"]["url"])
+    return urls
+
+
+def network_urls(urls: list[str], allowed: str = "") -> list[str]:
+    """The http(s)/ws(s) ``urls`` that do not start with ``allowed`` (Chrome's own ``chrome://`` pages,
+    ``data:`` and ``file:`` URLs are not network requests)."""
+    return [u for u in urls
+            if u.startswith(("http://", "https://", "ws://", "wss://")) and not (allowed and u.startswith(allowed))]

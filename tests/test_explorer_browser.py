@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from _browser import chrome, quit_chrome, screenshot
+from _browser import chrome, network_urls, quit_chrome, requested_urls, screenshot
 from _nano_explorer import LANGUAGE_FEATURE, a_text, b_text, index_dir, nano, switch_prompt
 
 OFFLINE = "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"
@@ -63,6 +63,8 @@ def test_static_dashboard_opens_from_disk(browser, tmp_path):
     screenshot(browser, tmp_path / "dashboard-feature.png")
     browser.find_element(By.LINK_TEXT, str(neighbour)).click()  # neighbour pages link to each other
     _wait(browser, lambda: browser.find_element(By.ID, f"feature-{layer}-{neighbour}"), what="the neighbour page")
+    urls = requested_urls(browser)
+    assert any(u.startswith("file://") for u in urls) and network_urls(urls) == []  # from disk, nothing fetched
 
 
 def _free_port() -> int:
@@ -163,6 +165,9 @@ def test_app_tabs_in_the_browser(browser, app_url, tmp_path):
     _wait(browser, lambda: browser.find_element(By.ID, f"feature-{layer}-{feature}"), what="the feature page")
     assert len(browser.find_elements(By.CSS_SELECTOR, "#feature-page .qs-top .qs-peak")) == 20
     screenshot(browser, tmp_path / "tab-feature.png")
+    urls = requested_urls(browser)
+    assert any(u.startswith(app_url) for u in urls)
+    assert network_urls(urls, allowed=app_url) == []  # nothing is fetched from anywhere but the app
 
 
 def test_app_monitor_tab(browser, app_url, tmp_path):
