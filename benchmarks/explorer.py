@@ -109,7 +109,7 @@ def _tabs(backend, saes, k, index) -> dict:
         FeatureClassifier((459,), (3,), 512).save(clf)
         calls = {
             "text": ((b_text, layers, 5, False, True), "/text"),
-            "compare": ((False, b_text, a_text, layers, 5, True, False, False), "/compare"),
+            "compare": ((False, b_text, a_text, layers, 5, True, False, False, False), "/compare"),
             "steer": ((prompt, "3", "459", "Custom", 0.0, "all", True, "clamp", 40), "/steer"),
             "feature": (("3", 459), "/feature"),
             "monitor": ((str(clf), b_text), "/monitor"),

@@ -50,6 +50,14 @@ def test_compare_tab_is_the_discovery_contrast_with_the_official_options(explore
     expected = contrast(explorer.backend, {3: explorer.saes[3]}, texts_a, texts_b, top=4, drop_shared_tokens=True)
     assert rows == expected and "qs-compare" in table
     assert explorer.comparison == {(r.layer, r.feature): abs(r.rate_diff) for r in rows}
+    raw_rows, _ = explorer.compare(texts_a, texts_b, [3], top_k=4, raw=True)
+    pre = {}
+    for side, texts in (("a", texts_a), ("b", texts_b)):
+        (rb,) = list(explorer.backend.residuals(texts, [3]))
+        pre[side] = explorer.saes[3].encode_pre(rb.hidden[3][0, 1:].float())  # first token excluded
+    diff = (pre["a"] > 0).double().mean(0) - (pre["b"] > 0).double().mean(0)
+    assert [r.feature for r in raw_rows] == diff.abs().topk(4).indices.tolist()
+    assert [r.rate_diff for r in raw_rows] == pytest.approx(diff[[r.feature for r in raw_rows]].tolist())
     with pytest.raises(ValueError, match="both sides"):
         explorer.compare(["x"], [" "])
 

@@ -96,14 +96,15 @@ class Explorer:
 
     # ---- Compare ---------------------------------------------------------------------------------
     def compare(self, texts_a: Sequence[str], texts_b: Sequence[str], layers=None, top_k: int = 5,
-                exclude_first: bool = True, drop_shared: bool = False, drop_prefix: bool = False):
+                exclude_first: bool = True, drop_shared: bool = False, drop_prefix: bool = False, raw: bool = False):
         """Top-``top_k`` features per layer by activation-rate difference (A minus B); rows and HTML."""
         texts_a, texts_b = [t for t in texts_a if t.strip()], [t for t in texts_b if t.strip()]
         if not texts_a or not texts_b:
             raise ValueError("enter a text (or one text per line) on both sides")
         layers = self._layers(layers)
         rows = contrast(self.backend, {n: self.saes[n] for n in layers}, texts_a, texts_b, top=top_k,
-                        skip_first=exclude_first, drop_shared_tokens=drop_shared, drop_common_prefix=drop_prefix)
+                        skip_first=exclude_first, drop_shared_tokens=drop_shared, drop_common_prefix=drop_prefix,
+                        raw=raw)
         self.comparison = {(r.layer, r.feature): abs(r.rate_diff) for r in rows}
         body = "".join(f"<tr><td>{r.layer}</td><td>{r.feature}</td><td>{r.rate_pos:.3f}</td><td>{r.rate_neg:.3f}</td>"
                        f"<td>{r.rate_diff:+.3f}</td><td>{r.mean_diff:+.3f}</td></tr>" for r in rows)

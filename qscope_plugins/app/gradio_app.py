@@ -76,15 +76,16 @@ def build_app(explorer: Explorer):
                 cmp_first = gr.Checkbox(True, label="Exclude first token")
                 cmp_shared = gr.Checkbox(False, label="Drop shared tokens")
                 cmp_prefix = gr.Checkbox(False, label="Drop common prefix")
+                cmp_raw = gr.Checkbox(False, label="Raw pre-activations")
             cmp_go = gr.Button("Compare", variant="primary", elem_id="compare-run")
             cmp_out = gr.HTML(elem_id="compare-out")
 
-            def run_compare(many, a, b, ls, k, first, shared, prefix):
+            def run_compare(many, a, b, ls, k, first, shared, prefix, raw):
                 split = (lambda s: s.splitlines()) if many else (lambda s: [s])
-                return explorer.compare(split(a), split(b), ls, int(k), first, shared, prefix)[1]
+                return explorer.compare(split(a), split(b), ls, int(k), first, shared, prefix, raw)[1]
 
             cmp_go.click(guard(run_compare), [multi, text_a, text_b, cmp_layers, cmp_k, cmp_first, cmp_shared,
-                                              cmp_prefix], cmp_out, api_name="compare")
+                                              cmp_prefix, cmp_raw], cmp_out, api_name="compare")
 
         with gr.Tab("Steer", elem_id="tab-steer"):
             prompt = gr.Textbox(label="Prompt", lines=3, elem_id="steer-prompt")
