@@ -19,6 +19,7 @@ import torch
 from ..backends import Backend, Sampling
 from ..recipes.discovery import FeatureStats, _top, contrast
 from ..recipes.steering import additive, clamp, parse_positions, steer
+from ..recipes.token_text import display, token_bytes
 from . import html as H
 
 # The official demo's strength presets: fixed without comparison data, multiples of the feature's
@@ -43,8 +44,6 @@ class Explorer:
                  index=None, backend_kind: str = "hf") -> None:
         self.backend, self.saes = backend, dict(saes)
         self.model, self.sae, self.k, self.index, self.backend_kind = model, sae, k, index, backend_kind
-        from ..recipes.token_text import token_bytes
-
         self._bytes = token_bytes(backend.tokenizer, len(backend.tokenizer))
         self.comparison: dict[tuple[int, int], float] = {}
         """``|rate_diff|`` of each compared ``(layer, feature)``, for the presets."""
@@ -54,8 +53,6 @@ class Explorer:
         return sorted(self.saes)
 
     def _tokens(self, ids: Sequence[int]) -> list[str]:
-        from ..recipes.token_text import display
-
         return display(ids, self._bytes)
 
     def _layers(self, layers) -> list[int]:
