@@ -202,3 +202,10 @@ def test_effects_do_not_depend_on_the_chunking():
             assert (whole[key] == small[key]).all(1).mean() > 0.99
         else:
             assert np.allclose(whole[key], small[key], rtol=1e-4, atol=1e-5)
+
+
+def test_token_labels_quote_text_once_and_show_partial_bytes():
+    from qscope_plugins.recipes.token_text import label
+
+    table = [b" the", b"\xe7\x82", "峟".encode()]
+    assert [label(i, table) for i in range(4)] == ["' the'", "b'\\xe7\\x82'", "'峟'", "<3>"]

@@ -10,6 +10,7 @@ import html
 from collections.abc import Callable, Sequence
 
 from ..recipes.feature_pages import Context, FeaturePage
+from ..recipes.token_text import label as token_label
 
 PAGE_CSS = "body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }"
 CSS = """
@@ -69,7 +70,7 @@ def histogram_svg(edges: Sequence[float], counts: Sequence[int], width: int = 42
 
 
 def _effects_table(page: FeaturePage, rows: Sequence[tuple[int, float]], title: str) -> str:
-    body = "".join(f"<tr><td><code>{esc(repr(page.token(t)))}</code></td><td>{v:+.3f}</td></tr>" for t, v in rows)
+    body = "".join(f"<tr><td><code>{esc(token_label(t, page.vocab))}</code></td><td>{v:+.3f}</td></tr>" for t, v in rows)
     return f'<div><h3>{title}</h3><table class="qs-table">{body}</table></div>'
 
 

@@ -74,3 +74,13 @@ def single(token_id: int, table: Sequence[bytes]) -> str:
         return table[token_id].decode("utf-8")
     except UnicodeDecodeError:
         return repr(table[token_id])
+
+
+def label(token_id: int, table: Sequence[bytes]) -> str:
+    """A quoted label for a token in a list: ``' the'``, or ``b'\\xe7'`` for part of a character."""
+    if not 0 <= token_id < len(table):
+        return f"<{token_id}>"
+    try:
+        return repr(table[token_id].decode("utf-8"))
+    except UnicodeDecodeError:
+        return repr(table[token_id])
