@@ -50,6 +50,14 @@ class FeatureStats:
         self.peak.scatter_reduce_(0, flat_i, flat_v, reduce="amax")
         self.tokens += values.shape[0]
 
+    def update_dense(self, values: Tensor) -> None:
+        """Fold in dense values ``(N, d_sae)`` of N tokens, e.g. raw pre-activations (may be negative)."""
+        flat = values.to("cpu", torch.float64)
+        self.fires += (flat > 0).sum(0)
+        self.total += flat.sum(0)
+        self.peak = torch.maximum(self.peak, flat.max(0).values) if self.tokens else flat.max(0).values
+        self.tokens += values.shape[0]
+
     @property
     def rate(self) -> Tensor:
         """Firing rate per feature (fraction of tokens)."""
@@ -115,14 +123,18 @@ def _accumulate(
     *,
     batch_size: int,
     progress: bool,
+    raw: bool = False,
 ) -> dict[int, FeatureStats]:
-    """Per-layer :class:`FeatureStats` over the tokens ``keep(residual_batch)`` selects."""
+    """Per-layer :class:`FeatureStats` over the tokens ``keep(residual_batch)`` selects (``raw``: of the
+    raw pre-activations, dense per batch, as the official demo's raw mode)."""
     stats = {n: FeatureStats.empty(sae.cfg.d_sae) for n, sae in by_layer.items()}
     for rb in backend.residuals(prompts, list(by_layer), batch_size=batch_size, progress=progress):
         mask = keep(rb)
         for n, sae in by_layer.items():
             tokens = rb.hidden[n][mask]
-            if tokens.shape[0]:
+            if tokens.shape[0] and raw:
+                stats[n].update_dense(sae.encode_pre(tokens.to(sae.W_enc.device, torch.float32)))
+            elif tokens.shape[0]:
                 codes = sae.encode_sparse(tokens.to(sae.W_enc.device, torch.float32))
                 stats[n].update(codes.values, codes.indices)
     return stats
@@ -164,6 +176,7 @@ def contrast(
     skip_first: bool = True,
     drop_shared_tokens: bool = False,
     drop_common_prefix: bool = False,
+    raw: bool = False,
     batch_size: int = 8,
     progress: bool = False,
 ) -> list[ContrastRow]:
@@ -172,7 +185,9 @@ def contrast(
     ``saes``: ``{layer: QwenScopeSAE}`` or one SAE. Options: ``skip_first`` drops each text's
     first token (extreme norm); ``drop_shared_tokens`` drops every token id occurring on both
     sides (so only what differs is compared); ``drop_common_prefix`` drops the longest token prefix
-    shared by all texts of both sides (e.g. a chat template). Rows come sorted by layer, then score.
+    shared by all texts of both sides (e.g. a chat template); ``raw`` compares raw pre-activations
+    (``W_enc x + b_enc``: a "firing" is a positive pre-activation), dense per batch. Rows come sorted
+    by layer, then score.
     """
     if rank_by not in ("rate", "mean"):
         raise ValueError(f"rank_by must be 'rate' or 'mean', got {rank_by!r}")
@@ -187,7 +202,7 @@ def contrast(
     def keep(rb: ResidualBatch) -> Tensor:
         return token_mask(rb, skip_first=skip_first, prefix=prefix, drop_ids=shared)
 
-    side = dict(batch_size=batch_size, progress=progress)
+    side = dict(batch_size=batch_size, progress=progress, raw=raw)
     stats_pos = _accumulate(backend, by_layer, pos_ids, keep, **side)
     stats_neg = _accumulate(backend, by_layer, neg_ids, keep, **side)
     rows: list[ContrastRow] = []
