@@ -333,3 +333,17 @@ def test_the_environment_variable_arms_the_crash_point_in_a_fresh_process(tmp_pa
     assert len(leftovers) == 1
     _io.atomic_write(target, b"third")  # the dead writer's temporary file is swept
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+
+
+def test_feature_index_resumes_to_identical_bytes_after_a_kill_at_every_step(world, tmp_path):
+    from qscope_plugins.recipes.feature_index import build_index
+
+    backend, saes = world
+    texts = [f"text number {i} about owls and foxes" for i in range(5)]
+
+    def job(out: Path) -> None:
+        build_index(backend, saes, texts, out, model="tiny", sae_source="random", batch_size=3)
+
+    steps = kill_at_every_step(job, tmp_path)
+    # tokens, vocab, effects, meta; 2 x (batch file + meta); 2 layer files + meta; partial/ removed
+    assert steps == 4 * 4 + 2 * 2 * 4 + 3 * 4 + 2

@@ -106,7 +106,7 @@ def test_cli_explain_then_dashboard_shows_it(endpoint, index, tmp_path, capsys):
     assert line["feature"] == feature and line["explanation"].startswith("Text written in language B")
     n = len(FakeLLM.requests)
     assert main(args + ["--skip-done"]) == 0 and len(FakeLLM.requests) == n
-    assert main(["dashboard", "--index", directory, "--features", f"{layer}:{feature}", "--out",
+    assert main(["dashboard", "--index", directory, "--features", f"{layer}:{feature}", "--output-dir",
                  str(tmp_path / "dash")]) == 0
     assert "Text written in language B" in (tmp_path / "dash" / f"layer{layer}" / f"feature{feature}.html").read_text()
     assert main(["explain", "--index", directory, "--features", f"{layer}:1", "--explainer", endpoint]) == 2

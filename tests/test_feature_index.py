@@ -158,20 +158,20 @@ def test_cli_index_then_dashboard(tmp_path, capsys):
     data = tmp_path / "texts.txt"
     data.write_text("\n".join(corpus()[:12]) + "\n")
     out = tmp_path / "ix"
-    assert main(["index", "--data", str(data), "--layers", "3", "--out", str(out), "--json", "--no-progress"]) == 0
+    assert main(["index", "--data", str(data), "--layers", "3", "--output-dir", str(out), "--json", "--no-progress"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["layers"] == [3] and summary["documents"] == 12
     dash = tmp_path / "dash"
-    assert main(["dashboard", "--index", str(out), "--features", "3:459,1-2", "--out", str(dash)]) == 0
+    assert main(["dashboard", "--index", str(out), "--features", "3:459,1-2", "--output-dir", str(dash)]) == 0
     assert sorted(p.name for p in (dash / "layer3").iterdir()) == ["feature1.html", "feature2.html", "feature459.html"]
     assert 'href="layer3/feature459.html"' in (dash / "index.html").read_text()
     capsys.readouterr()
-    assert main(["dashboard", "--index", str(out), "--features", "2:1", "--out", str(tmp_path / "d2")]) == 2
+    assert main(["dashboard", "--index", str(out), "--features", "2:1", "--output-dir", str(tmp_path / "d2")]) == 2
     assert "error: layer 2 is not in the index; indexed layers: [3]" in capsys.readouterr().err
-    assert main(["dashboard", "--index", str(out), "--features", "3:512", "--out", str(tmp_path / "d2")]) == 2
+    assert main(["dashboard", "--index", str(out), "--features", "3:512", "--output-dir", str(tmp_path / "d2")]) == 2
     assert "feature 512 is out of range" in capsys.readouterr().err
     assert not (tmp_path / "d2").exists()
-    assert main(["index", "--layers", "7", "--out", str(tmp_path / "bad")]) == 2
+    assert main(["index", "--layers", "7", "--output-dir", str(tmp_path / "bad")]) == 2
     assert "layer 7 is out of range" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 

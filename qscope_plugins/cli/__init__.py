@@ -22,16 +22,20 @@ from ._options import Parser, UsageError
 
 # name -> (module in this package, one-line help). Keep alphabetical.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "app": ("app", "the feature explorer (Gradio; pip install 'qscope-plugins[app]')"),
     "catalog": ("catalog", "list the Qwen-Scope SAE groups"),
     "classify": ("classify", "SAE-feature classifiers: fit, evaluate, apply"),
     "contrast": ("contrast", "rank SAE features by positive-vs-negative difference"),
     "convert": ("convert", "convert Qwen-Scope layer files to safetensors + sidecar"),
     "coverage": ("coverage", "coverage of safety-relevant SAE features by a dataset"),
+    "dashboard": ("dashboard", "static HTML feature pages from an activation index"),
     "demo": ("demo", "run every recipe on the bundled nano Qwen3 and its SAEs (offline, CPU, minutes)"),
     "doctor": ("doctor", "versions, tested window, registrations, CUDA/Triton, cached repos: for bug reports"),
     "eval-sae": ("eval_sae", "SAE quality per layer: EV/FVU, L0, dead features, CE loss recovered"),
+    "explain": ("explain", "explain features from an activation index with an LLM, detection-scored"),
     "features": ("features", "top SAE features of a text at given layers"),
     "footprint": ("footprint", "SAE feature footprints of benchmarks (sparse, resumable store)"),
+    "index": ("index", "sparse, resumable activation index of SAE features over a corpus"),
     "redundancy": ("redundancy", "benchmark redundancy (R_hat, R) and overlap from footprints"),
     "selfcheck": ("selfcheck", "load a generated released-format SAE and recover planted features"),
     "steer": ("steer", "generate with and without steering by SAE features"),

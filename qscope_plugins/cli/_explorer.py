@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from ._options import UsageError
+
 NANO = "nano"
 DEMO_DATA = "demo"
 DEMO_SEED = 310  # documents of the nano build's corpus that neither the build nor the demo uses
@@ -19,13 +21,18 @@ DEMO_DOCS = 400
 
 
 def add_source_arguments(p: argparse.ArgumentParser, *, layers: bool = True) -> None:
+    """``--model --sae --k --layers --backend --device --dtype``, in the shared vocabulary (``_options``)."""
+    from ._options import BACKENDS, MODEL_DTYPES, add_layers, device_name, positive_int
+
     p.add_argument("--model", default=NANO, help="model hub id or local directory (default: the bundled nano model)")
     p.add_argument("--sae", default=None, help="SAE repo id, SAELens release or directory (default: the nano SAEs)")
-    p.add_argument("--k", type=int, help="Top-k size, when neither the SAE's name nor its files say")
+    p.add_argument("--k", type=positive_int, help="Top-k size, when neither the SAE's name nor its files say")
     if layers:
-        p.add_argument("--layers", default="all", help="layers: 3, 0-5, 0,2,7 or all (default: all)")
-    p.add_argument("--backend", choices=("hf", "transformer-lens", "nnsight"), default="hf")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        add_layers(p, default="all", help="decoder layers (default: all)")
+    p.add_argument("--backend", choices=BACKENDS, default="hf", help="framework that runs the model")
+    p.add_argument("--device", type=device_name, default="auto",
+                   help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", choices=MODEL_DTYPES, default="float32", help="model dtype (SAE math is float32)")
 
 
 def parse_ids(spec: str, n: int, what: str) -> list[int]:
@@ -39,13 +46,13 @@ def parse_ids(spec: str, n: int, what: str) -> list[int]:
         try:
             ids = range(int(lo), int(hi) + 1) if sep else [int(lo)]
         except ValueError:
-            raise ValueError(f"bad {what} {part!r} in {spec!r}; use e.g. 3, 0-5, 0,2,7 or all") from None
+            raise UsageError(f"bad {what} {part!r} in {spec!r}; use e.g. 3, 0-5, 0,2,7 or all") from None
         for i in ids:
             if not 0 <= i < n:
-                raise ValueError(f"{what} {i} is out of range: there are {what}s 0..{n - 1}")
+                raise UsageError(f"{what} {i} is out of range: there are {what}s 0..{n - 1}")
             out.add(i)
     if not out:
-        raise ValueError(f"no {what}s in {spec!r}")
+        raise UsageError(f"no {what}s in {spec!r}")
     return sorted(out)
 
 
@@ -55,13 +62,13 @@ def parse_features(specs: list[str], layers: list[int], d_sae: int) -> list[tupl
     for spec in specs:
         layer_text, sep, ids = spec.partition(":")
         if not sep:
-            raise ValueError(f"bad feature {spec!r}: use LAYER:FEATURES, e.g. 3:459 or 3:0-9")
+            raise UsageError(f"bad feature {spec!r}: use LAYER:FEATURES, e.g. 3:459 or 3:0-9")
         try:
             layer = int(layer_text)
         except ValueError:
-            raise ValueError(f"bad layer {layer_text!r} in {spec!r}") from None
+            raise UsageError(f"bad layer {layer_text!r} in {spec!r}") from None
         if layer not in layers:
-            raise ValueError(f"layer {layer} is not in the index; indexed layers: {layers}")
+            raise UsageError(f"layer {layer} is not in the index; indexed layers: {layers}")
         out.extend((layer, f) for f in parse_ids(ids, d_sae, "feature") if (layer, f) not in out)
     return out
 
@@ -76,7 +83,7 @@ def resolve_source(args: argparse.Namespace) -> tuple[str, str, int | None]:
         if sae is None:
             sae, k = str(ASSETS / SAE_DIR), k or int(read_manifest()["sae"]["k"])
     if sae is None:
-        raise ValueError("give --sae (the SAEs of --model); only the nano model has default SAEs")
+        raise UsageError("give --sae (the SAEs of --model); only the nano model has default SAEs")
     return model, sae, k
 
 
@@ -113,14 +120,17 @@ def neuronpedia_ids(sae: str, layers: list[int]) -> dict[str, str]:
     return {str(n): ids[f"layer{n}"] for n in layers if ids.get(f"layer{n}")}
 
 
-def open_model(args: argparse.Namespace, layers_spec: str | None):
+def open_model(args: argparse.Namespace, layers_spec: list[int] | str | None):
     """``(backend, {layer: SAE}, model, sae)`` for the chosen source and layers."""
     from ..backends import load_backend
     from ..sae import load_sae
 
+    from ._options import resolve_device, resolve_layers
+
     model, sae, k = resolve_source(args)
-    backend = load_backend(model, args.backend, device=args.device)
-    layers = parse_ids(layers_spec or "all", backend.n_layers, "layer")
+    args.device = resolve_device(args.device)
+    backend = load_backend(model, args.backend, device=args.device, dtype=getattr(torch, args.dtype))
+    layers = resolve_layers(layers_spec, backend.n_layers)
     saes = {}
     for n in layers:
         saes[n] = load_sae(sae, n, k=k, device=args.device)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from ._explorer import parse_features
+from ._options import add_json, add_top, deprecated
 
 
 def add_parser(subparsers) -> None:
@@ -15,9 +16,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--index", type=Path, required=True, help="directory written by qscope index")
     p.add_argument("--features", nargs="+", required=True, metavar="L:F",
                    help="features as LAYER:IDS, e.g. 3:459 2:0-9 3:1,4 or 3:all")
-    p.add_argument("--out", type=Path, required=True, help="dashboard directory (index.html + one page per feature)")
-    p.add_argument("--top", type=int, default=20, help="top-activating contexts per page")
-    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.add_argument("--output-dir", type=Path, required=True, metavar="DIR",
+                   help="dashboard directory (index.html + one page per feature)")
+    deprecated(p, "--out", "--output-dir", "output_dir", type=Path)
+    add_top(p, 20, "top-activating contexts per page")
+    add_json(p, "print a JSON summary")
     p.set_defaults(func=run)
 
 
@@ -27,9 +30,7 @@ def run(args: argparse.Namespace) -> int:
 
     index = FeatureIndex.open(args.index)
     features = parse_features(args.features, list(index.config.layers), index.config.d_sae)
-    if args.top < 1:
-        raise ValueError("--top must be >= 1")
-    path = write_dashboard(index, features, args.out, n_top=args.top)
+    path = write_dashboard(index, features, args.output_dir, n_top=args.top)
     if args.json:
         print(json.dumps({"index_html": str(path), "pages": len(features)}))
     else:

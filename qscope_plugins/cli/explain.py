@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ._explorer import parse_features
 
+from ._options import UsageError, device_name, positive_int, resolve_device
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("explain", help="explain index features with an LLM (detection-scored)",
@@ -25,10 +26,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--explainer", required=True,
                    help="an OpenAI-compatible base URL (http://host:port/v1) or a local transformers model")
     p.add_argument("--explainer-model", help="model name the endpoint serves (required with a URL)")
-    p.add_argument("--device", default="cpu", help="device of a local explainer")
-    p.add_argument("--n-explain", type=int, default=10, help="top contexts shown to the explainer")
-    p.add_argument("--n-random", type=int, default=5, help="silent contexts shown to the explainer")
-    p.add_argument("--n-detect", type=int, default=10, help="held-out activating and silent contexts each")
+    p.add_argument("--device", type=device_name, default="auto", help="device of a local explainer (auto, cpu, cuda...)")
+    p.add_argument("--n-explain", type=positive_int, default=10, help="top contexts shown to the explainer")
+    p.add_argument("--n-random", type=positive_int, default=5, help="silent contexts shown to the explainer")
+    p.add_argument("--n-detect", type=positive_int, default=10, help="held-out activating and silent contexts each")
     p.add_argument("--skip-done", action="store_true", help="leave features that already have an explanation")
     p.add_argument("--json", action="store_true", help="print one JSON object per feature")
     p.set_defaults(func=run)
@@ -39,9 +40,9 @@ def make_explainer(args: argparse.Namespace):
 
     if args.explainer.startswith(("http://", "https://")):
         if not args.explainer_model:
-            raise ValueError("--explainer-model is required with an endpoint URL (the model name it serves)")
+            raise UsageError("--explainer-model is required with an endpoint URL (the model name it serves)")
         return OpenAICompatible(args.explainer, args.explainer_model)
-    return LocalTransformers(args.explainer, device=args.device)
+    return LocalTransformers(args.explainer, device=resolve_device(args.device))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from ._explorer import add_source_arguments, load_corpus, neuronpedia_ids, open_model
+from ._options import UsageError, add_first_token, add_json, deprecated, positive_int
 
 
 def add_parser(subparsers) -> None:
@@ -22,35 +23,37 @@ def add_parser(subparsers) -> None:
     add_source_arguments(p)
     p.add_argument("--data", default="demo",
                    help="texts: a file (one per line, or .jsonl) or 'demo' (the nano corpus; the default)")
-    p.add_argument("--out", type=Path, required=True, help="index directory (created; resumed if interrupted)")
-    p.add_argument("--max-tokens", type=int, default=256, help="cut each text to this many tokens")
-    p.add_argument("--keep-first-token", action="store_true", help="index each text's first token too")
-    p.add_argument("--batch-size", type=int, default=16, help="texts per forward pass (and per resumable step)")
-    p.add_argument("--json", action="store_true", help="print a JSON summary")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--output-dir", type=Path, required=True, metavar="DIR",
+                   help="index directory (created; resumed if interrupted)")
+    deprecated(p, "--out", "--output-dir", "output_dir", type=Path)
+    p.add_argument("--max-tokens", type=positive_int, default=256, help="cut each text to this many tokens")
+    add_first_token(p)
+    p.add_argument("--batch-size", type=positive_int, default=16, help="texts per forward pass (and per resumable step)")
+    add_json(p, "print a JSON summary")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..recipes.feature_index import build_index
 
-    if args.max_tokens < 2 or args.batch_size < 1:
-        raise ValueError("--max-tokens must be >= 2 and --batch-size >= 1")
+    if args.max_tokens < 2:
+        raise UsageError("--max-tokens must be >= 2")
     texts, described = load_corpus(args.data, args.model)
     backend, saes, model, sae = open_model(args, args.layers)
     index = build_index(
-        backend, saes, texts, args.out, model=args.model if args.model != "nano" else "nano (bundled)",
-        sae_source=args.sae or "nano (bundled)", skip_first_token=not args.keep_first_token,
+        backend, saes, texts, args.output_dir, model=args.model if args.model != "nano" else "nano (bundled)",
+        sae_source=args.sae or "nano (bundled)", skip_first_token=args.skip_first_token,
         max_tokens=args.max_tokens, batch_size=args.batch_size,
         extra={"data": described, "model_path": model, "sae_path": sae, "neuronpedia_ids": neuronpedia_ids(sae, list(saes))},
         progress=not args.no_progress,
     )
     cfg = index.config
-    summary = {"out": str(args.out), "layers": list(cfg.layers), "d_sae": cfg.d_sae, "documents": cfg.n_docs,
+    summary = {"output_dir": str(args.output_dir), "layers": list(cfg.layers), "d_sae": cfg.d_sae, "documents": cfg.n_docs,
                "tokens": cfg.n_tokens, "truncated_docs": index.meta.get("truncated_docs", 0)}
     if args.json:
         print(json.dumps(summary))
     else:
-        print(f"indexed {cfg.n_docs} texts ({cfg.n_tokens} tokens) at layers {list(cfg.layers)} into {args.out}",
+        print(f"indexed {cfg.n_docs} texts ({cfg.n_tokens} tokens) at layers {list(cfg.layers)} into {args.output_dir}",
               file=sys.stdout)
     return 0

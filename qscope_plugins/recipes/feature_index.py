@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
@@ -31,7 +30,8 @@ import torch
 
 from ..backends import Backend
 from .capture import context_limit, sae_widths
-from .footprint_store import _load_npz, _npz_bytes, atomic_write
+from .._io import atomic_write, clean_leftovers, output_lock, remove_tree
+from .footprint_store import _load_npz, _npz_bytes
 
 FORMAT = "qscope-feature-index"
 VERSION = 1
@@ -169,7 +169,7 @@ class FeatureIndex:
             raise FileNotFoundError(f"{path} is missing from the index")
         if expected is None or hashlib.sha256(path.read_bytes()).hexdigest() != expected:
             raise ValueError(f"{path} does not match the hash recorded in meta.json")
-        return _load_npz(path)
+        return _load_npz(path, _recovery(self.directory))
 
     def layer(self, layer: int) -> dict[str, np.ndarray]:
         """``indptr`` (d_sae + 1), ``token`` and ``value``: feature f's activations are a slice."""
@@ -279,41 +279,47 @@ def build_index(
                          int(next(iter(saes.values())).cfg.k), len(texts), int(tokens.size),
                          _data_hash(tokens, offsets), skip_first_token, max_tokens, batch_size)
     directory = Path(out)
-    extra = {"provenance": dict(extra or {}), "truncated_docs": n_cut}
-    if (directory / "meta.json").exists():
-        stored = FeatureIndex(directory)
-        if stored.config != config:
-            changed = [f.name for f in fields(config) if getattr(stored.config, f.name) != getattr(config, f.name)]
-            raise ValueError(f"{directory} holds an index built with a different {', '.join(changed)}; "
-                             "use another --out directory")
-        if stored.meta["complete"]:
-            return FeatureIndex.open(directory)
-        completed, files = int(stored.meta["completed_batches"]), dict(stored.meta["files"])
-    elif directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
-        raise ValueError(f"{directory} exists and is not a feature index; use an empty or new --out directory")
-    else:
-        head = output_head(backend)  # computed before anything is written: a failure leaves no output
-        effects = {f"l{n}_{key}": value for n in layers for key, value in feature_effects(saes[n], head).items()}
-        vocab = json.dumps(vocab_hex(backend.tokenizer))
-        (directory / "partial").mkdir(parents=True, exist_ok=True)
-        completed, files = 0, {}
-        _write_npz(directory, "tokens.npz", {"tokens": tokens, "offsets": offsets}, files)
-        atomic_write(directory / "vocab.json", vocab)
-        files["vocab.json"] = hashlib.sha256(vocab.encode()).hexdigest()
-        _write_npz(directory, "effects.npz", effects, files)
-        _write_meta(directory, config, 0, False, files, extra)
+    with output_lock(directory, what="feature index"):
+        clean_leftovers(directory)
+        clean_leftovers(directory / "partial")
+        extra = {"provenance": dict(extra or {}), "truncated_docs": n_cut}
+        if (directory / "meta.json").exists():
+            stored = FeatureIndex(directory)
+            if stored.config != config:
+                changed = [f.name for f in fields(config) if getattr(stored.config, f.name) != getattr(config, f.name)]
+                raise ValueError(f"{directory} holds an index built with a different {', '.join(changed)}; "
+                                 "use another --output-dir")
+            if stored.meta["complete"]:
+                remove_tree(directory / "partial")  # a run killed after its last meta write
+                return FeatureIndex.open(directory)
+            completed, files = int(stored.meta["completed_batches"]), dict(stored.meta["files"])
+        elif directory.exists() and (not directory.is_dir() or not _only_first_writes(directory)):
+            raise ValueError(f"{directory} exists and is not a feature index; use an empty or new --output-dir")
+        else:
+            for leftover in directory.iterdir() if directory.is_dir() else ():  # a run killed before its first meta.json
+                remove_tree(leftover) if leftover.is_dir() else leftover.unlink()
+            head = output_head(backend)  # computed before anything is written: a failure leaves no output
+            effects = {f"l{n}_{key}": value for n in layers for key, value in feature_effects(saes[n], head).items()}
+            vocab = json.dumps(vocab_hex(backend.tokenizer))
+            (directory / "partial").mkdir(parents=True, exist_ok=True)
+            completed, files = 0, {}
+            _write_npz(directory, "tokens.npz", {"tokens": tokens, "offsets": offsets}, files)
+            atomic_write(directory / "vocab.json", vocab)
+            files["vocab.json"] = hashlib.sha256(vocab.encode()).hexdigest()
+            _write_npz(directory, "effects.npz", effects, files)
+            _write_meta(directory, config, 0, False, files, extra)
 
-    rows = [tokens[offsets[i] : offsets[i + 1]].tolist() for i in range(len(texts))]
-    from tqdm.auto import tqdm
+        rows = [tokens[offsets[i] : offsets[i + 1]].tolist() for i in range(len(texts))]
+        from tqdm.auto import tqdm
 
-    for b in tqdm(range(completed, config.n_batches), desc="indexing", unit="batch", disable=not progress):
-        _index_batch(backend, saes, rows, offsets, config, b, directory)
-        _write_meta(directory, config, b + 1, False, files, extra)
-    for n in layers:
-        _write_npz(directory, f"layer{n}.npz", _join_layer(directory, config, n), files)
-    _write_meta(directory, config, config.n_batches, True, files, extra)
-    shutil.rmtree(directory / "partial", ignore_errors=True)
-    return FeatureIndex.open(directory)
+        for b in tqdm(range(completed, config.n_batches), desc="indexing", unit="batch", disable=not progress):
+            _index_batch(backend, saes, rows, offsets, config, b, directory)
+            _write_meta(directory, config, b + 1, False, files, extra)
+        for n in layers:
+            _write_npz(directory, f"layer{n}.npz", _join_layer(directory, config, n), files)
+        _write_meta(directory, config, config.n_batches, True, files, extra)
+        remove_tree(directory / "partial")
+        return FeatureIndex.open(directory)
 
 
 @torch.no_grad()
@@ -338,9 +344,21 @@ def _index_batch(backend, saes, rows, offsets, config: IndexConfig, b: int, dire
     atomic_write(directory / "partial" / f"batch{b:06d}.npz", _npz_bytes(arrays))
 
 
+_FIRST_WRITES = {"partial", "tokens.npz", "vocab.json", "effects.npz"}
+
+
+def _only_first_writes(directory: Path) -> bool:
+    """Whether ``directory`` holds nothing but what a build writes before its first ``meta.json``."""
+    return all(entry.name in _FIRST_WRITES for entry in directory.iterdir())
+
+
+def _recovery(directory: Path) -> str:
+    return f"recover by deleting {directory} and rerunning qscope index (or index into a new --output-dir)"
+
+
 def _join_layer(directory: Path, config: IndexConfig, layer: int) -> dict[str, np.ndarray]:
     """All batches of one layer, sorted feature-major (then by token): the CSC arrays."""
-    parts = [_load_npz(directory / "partial" / f"batch{b:06d}.npz") for b in range(config.n_batches)]
+    parts = [_load_npz(directory / "partial" / f"batch{b:06d}.npz", _recovery(directory)) for b in range(config.n_batches)]
     token = np.concatenate([p[f"l{layer}_token"] for p in parts])
     feature = np.concatenate([p[f"l{layer}_feature"] for p in parts])
     value = np.concatenate([p[f"l{layer}_value"] for p in parts])
