@@ -31,7 +31,7 @@ class Window:
 WINDOWS: dict[str, Window] = {
     w.package: w
     for w in (
-        Window("torch", "2.13", "2.16"),
+        Window("torch", "2.13", "2.14"),  # the only torch build CI can install here is the 2.13.0 CPU one
         Window("transformers", "5.9", "5.25"),
         Window("transformer-lens", "3.9", "4"),
         Window("sae-lens", "6.54", "6.55"),
