@@ -180,7 +180,8 @@ def topk_encode(
     bias = b_enc.to(dtype)
     grad = _needs_grad(x, W_enc_rows, b_enc)
     budget = chunk_bytes or torch_ops.default_chunk_bytes(x.device)
-    if flat.shape[0] and _use_screen(screen, backend, x.device, dtype, d_model, d_sae, flat.shape[0], grad):
+    if (flat.shape[0] and _use_screen(screen, backend, x.device, dtype, d_model, d_sae, flat.shape[0], grad)
+            and (screen == "on" or not (W_enc_rows.is_inference() or b_enc.is_inference()))):
         rows = torch_ops.chunk_rows(d_sae * 4, budget)
         values, indices = screening.screened_topk_encode(flat, W_enc_rows, bias, k, rows)
         shape = (*x.shape[:-1], k)

@@ -107,9 +107,12 @@ def cached_prepare(W_rows: torch.Tensor, b: torch.Tensor) -> ScreenWeights:
 
     One entry per weight tensor, dropped when that tensor is freed; an entry is reused only for
     the same tensor objects at the same version counters and view geometry, so an in-place update
-    or a new tensor in reused memory never meets a stale bf16 copy.
+    or a new tensor in reused memory never meets a stale bf16 copy. Inference tensors have no
+    version counter, so they are prepared afresh on every call (``screen="auto"`` skips them).
     """
     owner, b_owner = _owner(W_rows), _owner(b)
+    if owner.is_inference() or b_owner.is_inference():
+        return prepare(W_rows, b)  # no version counter: a cached copy could silently go stale
     signature = (owner._version, W_rows.data_ptr(), tuple(W_rows.shape), tuple(W_rows.stride()),
                  b_owner._version, b.data_ptr(), tuple(b.shape), str(W_rows.device))
     hit = _CACHE.get(id(owner))
@@ -218,21 +221,25 @@ def candidate_floor(lower_kth: torch.Tensor, A: torch.Tensor, eps: torch.Tensor,
 
 # ------------------------------------------------------------------------------------------ encode
 def recompute(x: torch.Tensor, W_rows: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-              counts: torch.Tensor, pairs_per_block: int = 1 << 14) -> torch.Tensor:
-    """fp32 ``x[rows[p]] . W_rows[cols[p]]`` for row-sorted pairs (``counts`` per row).
+              pairs_per_block: int = 1 << 14) -> torch.Tensor:
+    """fp32 ``x[rows[p]] . W_rows[cols[p]]`` for every pair ``p``.
 
-    CPU: a sampled GEMM (``torch.sparse.sampled_addmm`` over the CSR pattern of the pairs), which
-    reads each candidate's weight row once without building gathered copies. CUDA: gathered
-    rows and a batched dot, ``pairs_per_block`` pairs at a time.
+    CPU: one sampled GEMM (``torch.sparse.sampled_addmm``) over the pairs sorted by feature, so
+    each candidate's weight row is read once for all the rows that need it (4x faster than row
+    order, where every pair fetches its weight row from memory). CUDA: gathered rows and a
+    batched dot, ``pairs_per_block`` pairs at a time.
     """
     if x.device.type == "cpu":
-        crow = torch.zeros(x.shape[0] + 1, dtype=torch.long)
-        crow[1:] = counts.cumsum(0)
+        n_rows, width = x.shape[0], W_rows.shape[0]
+        order = (cols * n_rows + rows).argsort()
+        crow = torch.zeros(width + 1, dtype=torch.long)
+        crow[1:] = torch.bincount(cols, minlength=width).cumsum(0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-            pattern = torch.sparse_csr_tensor(crow, cols, torch.zeros(cols.numel(), dtype=x.dtype),
-                                              size=(x.shape[0], W_rows.shape[0]), check_invariants=False)
-            return torch.sparse.sampled_addmm(pattern, x, W_rows.T).values()
+            pattern = torch.sparse_csr_tensor(crow, rows[order], torch.zeros(order.numel(), dtype=x.dtype),
+                                              size=(width, n_rows), check_invariants=False)
+            by_feature = torch.sparse.sampled_addmm(pattern, W_rows, x.T).values()
+        return torch.empty_like(by_feature).index_put_((order,), by_feature)
     out = torch.empty(cols.numel(), dtype=x.dtype, device=x.device)
     for start in range(0, cols.numel(), pairs_per_block):
         part = slice(start, start + pairs_per_block)
@@ -240,11 +247,15 @@ def recompute(x: torch.Tensor, W_rows: torch.Tensor, rows: torch.Tensor, cols: t
     return out
 
 
-def screened_chunk(
-    x: torch.Tensor, W_rows: torch.Tensor, b: torch.Tensor, k: int, sw: ScreenWeights, cap: int,
+def screen_chunk(
+    x: torch.Tensor, k: int, sw: ScreenWeights, cap: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k of one chunk of fp32 rows: ``(values, indices, exact)``; rows with ``exact`` False are not done."""
-    n_rows, width = x.shape[0], W_rows.shape[0]
+    """The candidates of one chunk of fp32 rows: ``(rows, cols, ok)``, pairs row-sorted.
+
+    Rows with ``ok`` False cannot be settled by the screen (non-finite values or bound, fewer than
+    ``k`` or more than ``cap`` candidates) and have no pairs.
+    """
+    n_rows, width = x.shape[0], sw.w_aug.shape[0]
     xa, dx = _augment(x, sw.n_terms)
     s, u_out = _screen_gemm(xa, sw.w_aug)
     A, eps = row_bounds(x, dx, xa, sw)
@@ -259,15 +270,23 @@ def screened_chunk(
     # A NaN or infinite screen (non-finite input or weights, overflow) voids the bound for its row;
     # a row sum is finite only if every entry is (or overflows: then the row is redone, still exact).
     ok = (counts >= k) & (counts <= cap) & torch.isfinite(A) & torch.isfinite(floor) & torch.isfinite(s.sum(-1))
-    del s
     if not bool(ok.all()):
         keep = ok[rows]
         rows, cols = rows[keep], cols[keep]
-        counts = counts * ok
-    starts = counts.cumsum(0) - counts
-    pos = torch.arange(rows.numel(), device=x.device) - starts[rows]
-    exact = recompute(x, W_rows, rows, cols, counts) + b[cols]
+    return rows, cols, ok
+
+
+def select_from_candidates(
+    x: torch.Tensor, W_rows: torch.Tensor, b: torch.Tensor, k: int,
+    rows: torch.Tensor, cols: torch.Tensor, ok: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 recompute of the row-sorted candidate pairs and the top-k of each row: ``(values, indices, ok)``."""
+    n_rows = x.shape[0]
+    exact = recompute(x, W_rows, rows, cols) + b[cols]
+    ok = ok.clone()
     ok[rows[~torch.isfinite(exact)]] = False  # overflow in fp32: the plain path decides
+    counts = torch.bincount(rows, minlength=n_rows)
+    pos = torch.arange(rows.numel(), device=x.device) - (counts.cumsum(0) - counts)[rows]
     slots = max(int(counts.max()) if counts.numel() else 0, k)
     padded = torch.full((n_rows, slots), float("-inf"), dtype=x.dtype, device=x.device)
     padded[rows, pos] = exact
@@ -277,21 +296,38 @@ def screened_chunk(
     return values, padded_cols.gather(-1, picked), ok
 
 
+def screened_chunk(
+    x: torch.Tensor, W_rows: torch.Tensor, b: torch.Tensor, k: int, sw: ScreenWeights, cap: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k of fp32 rows: ``(values, indices, exact)``; rows with ``exact`` False are not done."""
+    return select_from_candidates(x, W_rows, b, k, *screen_chunk(x, k, sw, cap))
+
+
 def screened_topk_encode(
     x: torch.Tensor, W_rows: torch.Tensor, b: torch.Tensor, k: int, chunk_rows: int,
-    sw: ScreenWeights | None = None,
+    sw: ScreenWeights | None = None, recompute_rows: int = 4096,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact fp32 ``topk(x @ W_rows.T + b, k)`` (sorted) via the bf16 screen; ``x`` is 2-D fp32."""
+    """Exact fp32 ``topk(x @ W_rows.T + b, k)`` (sorted) via the bf16 screen; ``x`` is 2-D fp32.
+
+    The screen runs ``chunk_rows`` rows at a time; the candidates of up to ``recompute_rows`` rows
+    are recomputed together (more rows per weight row read).
+    """
     sw = sw or cached_prepare(W_rows, b)
     cap = max(8 * k, 1024)
     n_rows = x.shape[0]
     values = torch.empty(n_rows, k, dtype=x.dtype, device=x.device)
     indices = torch.empty(n_rows, k, dtype=torch.long, device=x.device)
-    for start in range(0, n_rows, chunk_rows):
-        part = slice(start, min(start + chunk_rows, n_rows))
-        v, i, ok = screened_chunk(x[part], W_rows, b, k, sw, cap)
+    block = max(recompute_rows, chunk_rows)
+    for start in range(0, n_rows, block):
+        xb = x[start:start + block]
+        found = [screen_chunk(xb[i:i + chunk_rows], k, sw, cap) for i in range(0, xb.shape[0], chunk_rows)]
+        offsets = range(0, xb.shape[0], chunk_rows)
+        rows = torch.cat([r + offset for (r, _, _), offset in zip(found, offsets, strict=True)])
+        cols = torch.cat([c for _, c, _ in found])
+        ok = torch.cat([o for _, _, o in found])
+        v, i, ok = select_from_candidates(xb, W_rows, b, k, rows, cols, ok)
         redo = (~ok).nonzero().squeeze(-1)
         if redo.numel():  # the plain fp32 path for rows the screen cannot settle
-            v[redo], i[redo] = torch.addmm(b, x[part][redo], W_rows.T).topk(k, dim=-1)
-        values[part], indices[part] = v, i
+            v[redo], i[redo] = torch.addmm(b, xb[redo], W_rows.T).topk(k, dim=-1)
+        values[start:start + block], indices[start:start + block] = v, i
     return values, indices
