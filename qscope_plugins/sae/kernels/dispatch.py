@@ -37,6 +37,8 @@ Screen = Literal["auto", "on", "off"]
 SCREEN_MIN_WIDTH = 8192
 SCREEN_MIN_D_MODEL = 256
 SCREEN_MIN_ROWS = 16
+#: Default bound on one chunk of screened pre-activations on CPU (fp32; the bf16 output adds half).
+SCREEN_CPU_CHUNK_BYTES = 64 << 20
 DecodeMethod = Literal["auto", "dense", "gather", "embedding_bag", "fused"]
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -182,7 +184,9 @@ def topk_encode(
     budget = chunk_bytes or torch_ops.default_chunk_bytes(x.device)
     if (flat.shape[0] and _use_screen(screen, backend, x.device, dtype, d_model, d_sae, flat.shape[0], grad)
             and (screen == "on" or not (W_enc_rows.is_inference() or b_enc.is_inference()))):
-        rows = torch_ops.chunk_rows(d_sae * 4, budget)
+        # Fewer, larger chunks on CPU: the screen's bookkeeping is many small ops per chunk.
+        screen_budget = chunk_bytes or max(budget, SCREEN_CPU_CHUNK_BYTES if x.device.type == "cpu" else budget)
+        rows = torch_ops.chunk_rows(d_sae * 4, screen_budget)
         values, indices = screening.screened_topk_encode(flat, W_enc_rows, bias, k, rows)
         shape = (*x.shape[:-1], k)
         return values.reshape(shape), indices.reshape(shape)

@@ -232,8 +232,7 @@ def recompute(x: torch.Tensor, W_rows: torch.Tensor, rows: torch.Tensor, cols: t
     if x.device.type == "cpu":
         n_rows, width = x.shape[0], W_rows.shape[0]
         order = (cols * n_rows + rows).argsort()
-        crow = torch.zeros(width + 1, dtype=torch.long)
-        crow[1:] = torch.bincount(cols, minlength=width).cumsum(0)
+        crow = torch.searchsorted(cols[order], torch.arange(width + 1))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
             pattern = torch.sparse_csr_tensor(crow, rows[order], torch.zeros(order.numel(), dtype=x.dtype),
