@@ -161,9 +161,12 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float32"])
     parser.add_argument("--tokens", type=int, default=None, help="default: 8192 on CUDA, 1024 on CPU")
     parser.add_argument("--repeats", type=int, default=None, help="default: 20 on CUDA, 3 on CPU")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     tokens = args.tokens or (8192 if device.type == "cuda" else 1024)
     repeats = args.repeats or (20 if device.type == "cuda" else 3)
