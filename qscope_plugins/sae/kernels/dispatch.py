@@ -43,7 +43,7 @@ DecodeMethod = Literal["auto", "dense", "gather", "embedding_bag", "fused"]
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-#: Fastest decode per (device type, dtype); the measurements are in docs/gpu_topk.md.
+#: Fastest decode per (device type, dtype); the measurements are in docs/topk.md.
 #: CPU: measured (benchmarks/topk_kernels.py): embedding_bag beats gather and dense in every dtype.
 #: CUDA bf16: measured in issue 10 on an H100: dense beat embedding_bag (5.8 vs 8.1 ms encode+decode);
 #: fp16 is taken to behave like bf16. CUDA fp32: not measured; a dense fp32 GEMM gets no tensor
