@@ -151,6 +151,19 @@ def test_huge_and_tiny_inputs_stay_exact():
     assert_fp32_topk(x, W, b, values, indices, 30, topk_encode(x, W, b, 30, screen="off"))
 
 
+def test_both_recompute_kernels_agree_with_fp64():
+    # The CUDA branch (gathered rows, batched dot) runs here on CPU too, against the CPU branch.
+    x, W, b = gaussian(30, 256, 4096, seed=8)
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randint(0, 30, (5000,), generator=gen).sort().values
+    cols = torch.randint(0, 4096, (5000,), generator=gen)
+    ref = (x.double()[rows] * W.double()[cols]).sum(-1)
+    eps = fp32_error(x, W, torch.zeros_like(b))[rows]
+    for sampled in (True, False):
+        got = S.recompute(x, W, rows, cols, pairs_per_block=700, sampled=sampled)
+        assert bool(((got.double() - ref).abs() <= eps).all())
+
+
 # ------------------------------------------------------------------------------------------ routing
 def test_prepared_weights_follow_in_place_updates():
     x, W, b = gaussian(20, 256, 4096, seed=6)

@@ -221,15 +221,15 @@ def candidate_floor(lower_kth: torch.Tensor, A: torch.Tensor, eps: torch.Tensor,
 
 # ------------------------------------------------------------------------------------------ encode
 def recompute(x: torch.Tensor, W_rows: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-              pairs_per_block: int = 1 << 14) -> torch.Tensor:
+              pairs_per_block: int = 1 << 14, sampled: bool | None = None) -> torch.Tensor:
     """fp32 ``x[rows[p]] . W_rows[cols[p]]`` for every pair ``p``.
 
     CPU: one sampled GEMM (``torch.sparse.sampled_addmm``) over the pairs sorted by feature, so
     each candidate's weight row is read once for all the rows that need it (4x faster than row
     order, where every pair fetches its weight row from memory). CUDA: gathered rows and a
-    batched dot, ``pairs_per_block`` pairs at a time.
+    batched dot, ``pairs_per_block`` pairs at a time. ``sampled`` forces one of the two.
     """
-    if x.device.type == "cpu":
+    if sampled if sampled is not None else x.device.type == "cpu":
         n_rows, width = x.shape[0], W_rows.shape[0]
         order = (cols * n_rows + rows).argsort()
         crow = torch.searchsorted(cols[order], torch.arange(width + 1))
