@@ -9,7 +9,11 @@ k = 50) are built in memory. In one run, interleaved over ``--repeats``, it time
 * ``bare``: ``model(input_ids, attention_mask)`` on the same padded batches, no hooks, no SAE;
 * ``footprint_1``: :func:`extract_footprints` at one layer, last token, written to a store;
 * ``footprint_all_tokens``: the same with ``position="all"`` (every token encoded, with counts);
-* ``footprint_4``: four layers from one forward pass.
+* ``footprint_4``: four layers from one forward pass;
+* ``capture_middle`` / ``capture_last``: bare residual capture (no SAE) at the middle layer and at
+  the last layer. Capture stops after the deepest layer it needs (issue 20, item 5), so a
+  middle-layer capture skips the upper half of the model and the LM head: ``capture_middle`` should
+  beat ``bare`` and ``capture_last``.
 
 Target: footprint_1 / bare >= 0.7. Prints JSON with the device, versions and the ratios.
 """
@@ -73,8 +77,17 @@ def main() -> None:
 
         return run
 
+    def capture(layer: int):
+        def run() -> None:
+            for _ in backend.residuals(texts, [layer], last_token=True, batch_size=args.batch_size):
+                pass
+
+        return run
+
     cases = {
         "bare": bare,
+        "capture_middle": capture(args.layers // 2),
+        "capture_last": capture(args.layers - 1),
         "footprint_1": footprint(layers[:1], "last"),
         "footprint_all_tokens": footprint(layers[:1], "all"),
         "footprint_4": footprint(layers, "last"),

@@ -136,10 +136,10 @@ def bench_shape(d_model: int, d_sae: int, k: int, tokens: int, dtype: torch.dtyp
     row: dict = {"shape": f"{d_model}x{d_sae}", "k": k, "tokens": tokens, "dtype": str(dtype).removeprefix("torch."),
                  "encode_auto": encode_backend(device, d_sae, k), "decode_auto": decode_method(device, dtype)}
     row["gemm_ms"] = time_ms(lambda: torch.addmm(b, x, W.T), device, repeats)
-    row["torch_topk_ms"] = time_ms(lambda: topk_encode(x, W, b, k, backend="torch"), device, repeats)
+    row["torch_topk_ms"] = time_ms(lambda: topk_encode(x, W, b, k, backend="torch", screen="off"), device, repeats)
     if device.type == "cuda" and TRITON_AVAILABLE and encode_backend(device, d_sae, k) == "triton":
         row["triton_topk_ms"] = time_ms(lambda: topk_encode(x, W, b, k, backend="triton"), device, repeats)
-        ref = topk_encode(x, W, b, k, backend="torch")
+        ref = topk_encode(x, W, b, k, backend="torch", screen="off")
         got = topk_encode(x, W, b, k, backend="triton")
         row["triton_values_equal_torch"] = bool(torch.equal(ref[0], got[0]))
     values, indices = topk_encode(x, W, b, k)

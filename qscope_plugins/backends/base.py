@@ -141,11 +141,21 @@ def editors_by_layer(
     return {n: Editor(ivs, attention_mask) for n, ivs in grouped.items()}
 
 
+class StopForward(Exception):  # noqa: N818 (a control-flow signal, not an error)
+    """Raised by a capture hook once the deepest captured layer has run: the rest of the forward
+    pass cannot change what was captured, so a backend that catches it skips those layers."""
+
+
 def layer_functions(
-    editors: dict[int, Editor], capture: Sequence[int], captured: dict[int, Tensor]
+    editors: dict[int, Editor], capture: Sequence[int], captured: dict[int, Tensor], *, stop: bool = False
 ) -> dict[int, Callable[[Tensor], Tensor]]:
     """For every layer to hook: apply its editor (if any), then store the output in ``captured``
-    (if asked), so a capture sees the edited residual. Backends wrap these in their own hooks."""
+    (if asked), so a capture sees the edited residual. Backends wrap these in their own hooks.
+
+    ``stop=True``: the hook of the deepest captured layer raises :class:`StopForward` after
+    storing its output (edits of deeper layers are then never needed, so they are not hooked).
+    """
+    last = max(capture) if stop and capture else None
 
     def make(n: int) -> Callable[[Tensor], Tensor]:
         def fn(hidden: Tensor) -> Tensor:
@@ -153,11 +163,13 @@ def layer_functions(
                 hidden = editors[n](hidden)
             if n in capture:
                 captured[n] = hidden
+            if n == last:
+                raise StopForward
             return hidden
 
         return fn
 
-    return {n: make(n) for n in {*capture, *editors}}
+    return {n: make(n) for n in {*capture, *editors} if last is None or n <= last}
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..remote import walk, layout  # torch-only: no import cost
-from .base import Backend, Batch, Editor, Intervention, Sampling, editors_by_layer, layer_functions
+from .base import Backend, Batch, Editor, Intervention, Sampling, StopForward, editors_by_layer, layer_functions
 
 # Where decoder layers live, most common first: Qwen3 / Qwen3.5 text models, the published
 # multimodal Qwen3.5 layout, older wrappers, GPT-2 style models.
@@ -92,10 +92,13 @@ class HFBackend(Backend):
 
     def _capture(self, batch: Batch, layers: Sequence[int], interventions: Sequence[Intervention]) -> dict[int, Tensor]:
         captured: dict[int, Tensor] = {}
-        with self._hooks(layer_functions(self._editors(batch, interventions), layers, captured)):
+        # The forward stops after the deepest captured layer (nothing later can change the capture):
+        # a middle-layer capture skips the remaining layers, the final norm and the LM head.
+        with self._hooks(layer_functions(self._editors(batch, interventions), layers, captured, stop=True)):
             # Right padding + causal attention: no mask needed for the real positions, and none
             # passed keeps the forward identical to the unpadded one.
-            self.model(input_ids=batch.input_ids, use_cache=False)
+            with contextlib.suppress(StopForward):
+                self.model(input_ids=batch.input_ids, use_cache=False)
         return captured
 
     def _generate(self, batch: Batch, interventions: Sequence[Intervention], max_new_tokens: int, sampling: Sampling) -> Tensor:

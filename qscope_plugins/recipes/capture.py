@@ -85,7 +85,8 @@ def pooled_batches(
         for rb in backend.residuals(rows, layers, last_token=mode == "last", batch_size=batch_size):
             pooled = {}
             for layer in layers:
-                codes = saes[layer].encode_sparse(rb.hidden[layer])
+                with torch.no_grad():  # codes only: no graph, and fp32 SAEs may take the bf16 screen
+                    codes = saes[layer].encode_sparse(rb.hidden[layer])
                 mask = None if mode == "last" else rb.token_mask(skip_first_token)
                 reduce = "count" if mode == "count" else "max"
                 pooled[layer] = pool_codes(codes.values, codes.indices, widths[layer], mask, reduce)

@@ -68,6 +68,9 @@ class QwenScopeSAE(TopKSAE):
     #: Bytes of pre-activations (or decode intermediates) held at once by the sparse path;
     #: ``None`` uses the kernels' default.
     chunk_bytes: int | None = None
+    #: ``encode_sparse``'s bf16-screened exact path for fp32 weights: ``"auto"`` (where faster),
+    #: ``"on"`` or ``"off"`` (see :func:`qscope_plugins.sae.kernels.topk_encode`, docs/topk.md).
+    screen: str = "auto"
 
     def __init__(self, cfg: QwenScopeSAEConfig, use_error_term: bool = False):
         if cfg.k > cfg.d_sae:
@@ -157,7 +160,9 @@ class QwenScopeSAE(TopKSAE):
         """Top-k codes without any dense ``N x d_sae`` code tensor (pre-activations are chunked).
 
         Runs the fastest exact path for the device (see :mod:`qscope_plugins.sae.kernels`);
-        under ``torch.no_grad()`` / ``inference_mode()`` the Triton path can be taken on CUDA.
+        under ``torch.no_grad()`` / ``inference_mode()`` fp32 SAEs can take the bf16-screened path
+        (same codes as fp32 up to ties within fp32 rounding; ``sae.screen = "off"`` turns it off)
+        and the Triton path can be taken on CUDA.
         """
         x, W_rows, b_enc = self._check_input(x), self.W_enc.T, self.b_enc
         if self.cfg.apply_b_dec_to_input:
@@ -165,7 +170,8 @@ class QwenScopeSAE(TopKSAE):
         if self.cfg.rescale_acts_by_decoder_norm:
             norms = self.W_dec.norm(dim=-1)
             W_rows, b_enc = W_rows * norms[:, None], b_enc * norms
-        values, indices = topk_encode(x, W_rows, b_enc, self.cfg.k, chunk_bytes=self.chunk_bytes)
+        values, indices = topk_encode(x, W_rows, b_enc, self.cfg.k, chunk_bytes=self.chunk_bytes,
+                                       screen=self.screen)
         return TopKCodes(values.relu() if self.cfg.relu else values, indices)
 
     # ------------------------------------------------------------------ decoder

@@ -3,7 +3,11 @@
 Each picks its implementation from the device, dtype and shape (``backend`` / ``method`` force
 one, for benchmarks and tests):
 
-* encoding: on CUDA with Triton installed, the threshold filter of :mod:`.threshold` (cuBLAS
+* encoding of fp32 weights, on CPUs with native bf16 (avx512_bf16 / AMX) and on CUDA GPUs with
+  bf16 tensor cores: the bf16-screened exact encoder of :mod:`.screen` (a bf16 GEMM bounds every
+  pre-activation, only the features that could reach the top-k are recomputed in fp32); the
+  result is the fp32 path's up to ties within fp32 rounding. ``screen="off"`` turns it off.
+* otherwise, on CUDA with Triton installed, the threshold filter of :mod:`.threshold` (cuBLAS
   GEMM per chunk of rows, then two memory-speed reads instead of ``torch.topk``'s radix passes);
   otherwise ``addmm`` + ``torch.topk`` over row chunks. Both are exact: same values and indices
   as ``torch.topk`` on the same pre-activations, ties aside.
@@ -20,16 +24,26 @@ from typing import Literal
 
 import torch
 
+from . import screen as screening
 from . import torch_ops
 from ._triton import TRITON_AVAILABLE, interpreting
 from .threshold import SelectPlan, plan_selection, threshold_topk
 
 Backend = Literal["auto", "torch", "triton"]
+Screen = Literal["auto", "on", "off"]
+
+#: ``screen="auto"`` screens only where the bf16 GEMM's saving outweighs the candidate recompute:
+#: wide SAEs, enough rows to fill a GEMM, and a model dimension where bf16 GEMMs run at full speed.
+SCREEN_MIN_WIDTH = 8192
+SCREEN_MIN_D_MODEL = 256
+SCREEN_MIN_ROWS = 16
+#: Default bound on one chunk of screened pre-activations on CPU (fp32; the bf16 output adds half).
+SCREEN_CPU_CHUNK_BYTES = 64 << 20
 DecodeMethod = Literal["auto", "dense", "gather", "embedding_bag", "fused"]
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-#: Fastest decode per (device type, dtype); the measurements are in docs/gpu_topk.md.
+#: Fastest decode per (device type, dtype); the measurements are in docs/topk.md.
 #: CPU: measured (benchmarks/topk_kernels.py): embedding_bag beats gather and dense in every dtype.
 #: CUDA bf16: measured in issue 10 on an H100: dense beat embedding_bag (5.8 vs 8.1 ms encode+decode);
 #: fp16 is taken to behave like bf16. CUDA fp32: not measured; a dense fp32 GEMM gets no tensor
@@ -91,6 +105,47 @@ def encode_backend(device: torch.device | str, width: int, k: int) -> str:
     return "torch" if _encode_plan("auto", torch.device(device), width, k) is None else "triton"
 
 
+def _screen_fast_here(device: torch.device) -> bool:
+    """Whether bf16 GEMMs on this device beat fp32 ones by the margin the screen needs."""
+    if device.type == "cpu":
+        return screening.cpu_has_bf16_dot()
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    return False
+
+
+def _use_screen(screen: str, backend: str, device: torch.device, dtype: torch.dtype, d_model: int,
+                d_sae: int, rows: int, grad: bool) -> bool:
+    """Whether :func:`topk_encode` takes the bf16-screened path (``screen="on"`` errors where it cannot)."""
+    if screen not in ("auto", "on", "off"):
+        raise ValueError(f"screen must be 'auto', 'on' or 'off', got {screen!r}")
+    if screen == "off":
+        return False
+    reason = None
+    if dtype != torch.float32:
+        reason = f"float32 weights (got {dtype})"
+    elif grad:
+        reason = "no gradient: run under torch.no_grad() or detach"
+    elif backend == "triton":
+        reason = "backend='auto' or 'torch' (backend='triton' filters fp32 pre-activations)"
+    elif device.type not in ("cpu", "cuda"):
+        reason = f"a CPU or CUDA device (got {device})"
+    elif not screening.accumulates_in_fp32(str(device), screening.padded_terms(d_model)):
+        reason = f"a bf16 GEMM that accumulates in fp32 on {device} (the probe found otherwise)"
+    if screen == "on":
+        if reason is not None:
+            raise ValueError(f"screen='on' needs {reason}")
+        return True
+    return (reason is None and d_sae >= SCREEN_MIN_WIDTH and d_model >= SCREEN_MIN_D_MODEL
+            and rows >= SCREEN_MIN_ROWS and _screen_fast_here(device))
+
+
+def encode_screened(device: torch.device | str, d_model: int, d_sae: int, rows: int = 1024,
+                    dtype: torch.dtype = torch.float32) -> bool:
+    """Whether ``topk_encode(..., screen="auto")`` takes the bf16-screened path for this call shape."""
+    return _use_screen("auto", "auto", torch.device(device), dtype, d_model, d_sae, rows, False)
+
+
 def _threshold(pre_rows, n_rows: int, width: int, k: int, plan: SelectPlan, dtype: torch.dtype,
                device: torch.device, chunk_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
     from .triton_select import filter_candidates
@@ -102,12 +157,16 @@ def _threshold(pre_rows, n_rows: int, width: int, k: int, plan: SelectPlan, dtyp
 
 def topk_encode(
     x: torch.Tensor, W_enc_rows: torch.Tensor, b_enc: torch.Tensor, k: int, *,
-    backend: Backend = "auto", chunk_bytes: int | None = None,
+    backend: Backend = "auto", chunk_bytes: int | None = None, screen: Screen = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.topk(x @ W_enc_rows.T + b_enc, k)``: values ``(..., k)`` sorted descending, int64 indices.
 
     ``W_enc_rows`` is ``(d_sae, d_model)`` (row j encodes feature j, the released layout). No ReLU:
     the caller applies it. ``chunk_bytes`` bounds the pre-activations held at once.
+    ``screen``: ``"auto"`` takes the bf16-screened exact path for fp32 weights where it is faster
+    (:func:`encode_screened`), ``"on"`` forces it (an error where it cannot run), ``"off"`` never.
+    Screened results equal the fp32 path's up to ties within fp32 rounding (docs/topk.md); the
+    first screened call per weight tensor keeps a bf16 copy of it (half its size) while it lives.
     """
     _check_rows("W_enc_rows", W_enc_rows, b_enc, "b_enc", 0)
     for name, t in (("x", x), ("b_enc", b_enc)):
@@ -121,8 +180,17 @@ def topk_encode(
     dtype = W_enc_rows.dtype
     flat = x.reshape(-1, d_model).to(dtype)
     bias = b_enc.to(dtype)
-    plan = _encode_plan(backend, x.device, d_sae, k, _needs_grad(x, W_enc_rows, b_enc))
+    grad = _needs_grad(x, W_enc_rows, b_enc)
     budget = chunk_bytes or torch_ops.default_chunk_bytes(x.device)
+    if (flat.shape[0] and _use_screen(screen, backend, x.device, dtype, d_model, d_sae, flat.shape[0], grad)
+            and (screen == "on" or not (W_enc_rows.is_inference() or b_enc.is_inference()))):
+        # Fewer, larger chunks on CPU: the screen's bookkeeping is many small ops per chunk.
+        screen_budget = chunk_bytes or max(budget, SCREEN_CPU_CHUNK_BYTES if x.device.type == "cpu" else budget)
+        rows = torch_ops.chunk_rows(d_sae * 4, screen_budget)
+        values, indices = screening.screened_topk_encode(flat, W_enc_rows, bias, k, rows)
+        shape = (*x.shape[:-1], k)
+        return values.reshape(shape), indices.reshape(shape)
+    plan = _encode_plan(backend, x.device, d_sae, k, grad)
     if plan is None or flat.shape[0] == 0:
         values, indices = torch_ops.topk_encode(flat, W_enc_rows, bias, k, budget)
     else:
