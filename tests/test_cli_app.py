@@ -17,7 +17,7 @@ from qscope_plugins.cli import main
 
 def test_app_without_gradio_is_one_error_line(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "gradio", None)  # import fails as when the extra is not installed
-    assert main(["app"]) == 2
+    assert main(["app"]) == 1  # a missing extra is a runtime error (exit 1), not a wrong command line
     assert capsys.readouterr().err.strip() == "qscope app: error: the app needs Gradio: pip install 'qscope-plugins[app]'"
 
 
