@@ -7,12 +7,11 @@ leaves no partial dashboard; an existing dashboard (marked by ``.qscope-dashboar
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from .._io import make_temp_dir, replace_dir
 from ..recipes.feature_index import FeatureIndex
 from ..recipes.feature_pages import feature_page
 from .html import document, esc, page_html
@@ -52,21 +51,14 @@ def write_dashboard(index: FeatureIndex, features: Sequence[tuple[int, int]], ou
     body = f"<h1>{esc(title)}</h1><p class=\"qs-muted\">model {esc(index.config.model)}</p>{table}"
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    tmp = make_temp_dir(out.parent, out.name)
     try:
         (tmp / MARKER).write_text("qscope dashboard\n")
         (tmp / "index.html").write_text(document(title, body), encoding="utf-8")
         for (layer, feature), text in pages.items():
             (tmp / f"layer{layer}").mkdir(exist_ok=True)
             (tmp / _href(layer, feature)).write_text(text, encoding="utf-8")
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -16,13 +16,13 @@ import os
 import platform
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 
+from .._io import make_temp_dir, replace_dir
 from .assets import MANIFEST, MODEL_DIR, SAE_DIR, SAFETENSORS_DIR, corpus_generator
 from .config import BuildConfig
 from .corpus import CorpusGenerator, Document
@@ -107,8 +107,7 @@ def build(cfg: BuildConfig, out: Path) -> dict:
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp's 0700 would make the shipped directory private
+    tmp = make_temp_dir(out.parent, out.name)
     try:
         model.save_pretrained(tmp / MODEL_DIR)
         tokenizer.save_pretrained(tmp / MODEL_DIR)
@@ -130,14 +129,7 @@ def build(cfg: BuildConfig, out: Path) -> dict:
             "files": {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
