@@ -29,7 +29,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -372,19 +371,10 @@ def as_usage_errors() -> Iterator[None]:
 
 # ---- output --------------------------------------------------------------------------------------
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
-    """Write via a temporary file in the same directory and ``os.replace``; no temp file survives a failure."""
-    target = Path(path).expanduser().resolve()
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    """Write ``path`` atomically (:func:`qscope_plugins._io.atomic_write`); no temp file survives a failure."""
+    from .._io import atomic_write
+
+    return atomic_write(Path(path).expanduser().resolve(), data)
 
 
 def emit(args: argparse.Namespace, result, text: str | None = None) -> None:

@@ -31,7 +31,7 @@ import torch
 from ..backends import Backend
 from .capture import context_limit, sae_widths
 from .._io import atomic_write, clean_leftovers, output_lock, remove_tree
-from .footprint_store import _load_npz, _npz_bytes
+from .footprint_store import load_npz, npz_bytes
 
 FORMAT = "qscope-feature-index"
 VERSION = 1
@@ -169,7 +169,7 @@ class FeatureIndex:
             raise FileNotFoundError(f"{path} is missing from the index")
         if expected is None or hashlib.sha256(path.read_bytes()).hexdigest() != expected:
             raise ValueError(f"{path} does not match the hash recorded in meta.json")
-        return _load_npz(path, _recovery(self.directory))
+        return load_npz(path, _recovery(self.directory))
 
     def layer(self, layer: int) -> dict[str, np.ndarray]:
         """``indptr`` (d_sae + 1), ``token`` and ``value``: feature f's activations are a slice."""
@@ -241,7 +241,7 @@ def _write_meta(directory: Path, config: IndexConfig, completed: int, complete: 
 
 
 def _write_npz(directory: Path, name: str, arrays: Mapping[str, np.ndarray], files: dict) -> None:
-    data = _npz_bytes(arrays)
+    data = npz_bytes(arrays)
     atomic_write(directory / name, data)
     files[name] = hashlib.sha256(data).hexdigest()
 
@@ -341,7 +341,7 @@ def _index_batch(backend, saes, rows, offsets, config: IndexConfig, b: int, dire
             arrays[f"l{n}_token"] = where.unsqueeze(1).expand_as(ids)[keep].numpy().astype(np.int64)
             arrays[f"l{n}_feature"] = ids[keep].numpy().astype(np.int32)
             arrays[f"l{n}_value"] = values[keep].numpy().astype(np.float32)
-    atomic_write(directory / "partial" / f"batch{b:06d}.npz", _npz_bytes(arrays))
+    atomic_write(directory / "partial" / f"batch{b:06d}.npz", npz_bytes(arrays))
 
 
 _FIRST_WRITES = {"partial", "tokens.npz", "vocab.json", "effects.npz"}
@@ -358,7 +358,7 @@ def _recovery(directory: Path) -> str:
 
 def _join_layer(directory: Path, config: IndexConfig, layer: int) -> dict[str, np.ndarray]:
     """All batches of one layer, sorted feature-major (then by token): the CSC arrays."""
-    parts = [_load_npz(directory / "partial" / f"batch{b:06d}.npz", _recovery(directory)) for b in range(config.n_batches)]
+    parts = [load_npz(directory / "partial" / f"batch{b:06d}.npz", _recovery(directory)) for b in range(config.n_batches)]
     token = np.concatenate([p[f"l{layer}_token"] for p in parts])
     feature = np.concatenate([p[f"l{layer}_feature"] for p in parts])
     value = np.concatenate([p[f"l{layer}_value"] for p in parts])

@@ -29,7 +29,8 @@ import scipy.sparse as sp
 
 from .._io import TMP_SUFFIX, DamagedFileError, atomic_write, clean_leftovers, read_json, remove_tree
 
-__all__ = ["FootprintConfig", "FootprintStore", "Footprints", "atomic_write", "content_hash", "open_stores"]
+__all__ = ["FootprintConfig", "FootprintStore", "Footprints", "atomic_write", "content_hash", "load_npz", "npz_bytes",
+           "open_stores"]
 
 FORMAT = "qscope-footprints"
 VERSION = 1
@@ -43,7 +44,7 @@ def content_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
     """A deterministic ``.npz`` (``np.load`` reads it): sorted entries, fixed timestamps, deflate."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
@@ -61,7 +62,7 @@ def _recovery(directory: Path) -> str:
             f"which recomputes {directory.name} from scratch")
 
 
-def _load_npz(path: Path, recovery: str) -> dict[str, np.ndarray]:
+def load_npz(path: Path, recovery: str) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as archive:
             return {name: archive[name] for name in archive.files}
@@ -222,7 +223,7 @@ class FootprintStore:
                     f"batch {batch} layer {layer} has shape {matrix.shape}, "
                     f"expected {(span.stop - span.start, self.config.d_sae)}"
                 )
-            atomic_write(self._batch_path(batch, layer), _npz_bytes(self._arrays(matrix)), sweep=False)
+            atomic_write(self._batch_path(batch, layer), npz_bytes(self._arrays(matrix)), sweep=False)
         self.completed += 1
         self._write_meta({})
 
@@ -243,13 +244,13 @@ class FootprintStore:
             raise ValueError(f"only {self.completed} of {self.config.n_batches} batches are done")
         hashes = {}
         for layer in self.config.layers:
-            parts = [_load_npz(self._batch_path(b, layer), _recovery(self.directory)) for b in range(self.config.n_batches)]
+            parts = [load_npz(self._batch_path(b, layer), _recovery(self.directory)) for b in range(self.config.n_batches)]
             offsets = np.cumsum([0] + [p["indptr"][-1] for p in parts[:-1]])
             joined = {
                 "indptr": np.concatenate([[0]] + [p["indptr"][1:] + o for p, o in zip(parts, offsets)]).astype(np.int64),
                 **{k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k != "indptr"},
             }
-            data = _npz_bytes(joined)
+            data = npz_bytes(joined)
             atomic_write(self.directory / f"layer{layer}.npz", data, sweep=False)
             hashes[str(layer)] = hashlib.sha256(data).hexdigest()
         self.complete = True
@@ -302,7 +303,7 @@ class FootprintStore:
             raise DamagedFileError(path, "missing", _recovery(self.directory))
         if expected is None or hashlib.sha256(path.read_bytes()).hexdigest() != expected:
             raise DamagedFileError(path, "it does not match the sha256 recorded in meta.json", _recovery(self.directory))
-        arrays = _load_npz(path, _recovery(self.directory))
+        arrays = load_npz(path, _recovery(self.directory))
         indptr, indices = arrays["indptr"], arrays["indices"]
         if indptr.size != self.config.n_samples + 1 or indptr[-1] != indices.size:
             raise ValueError(f"{path} is inconsistent with {self.config.n_samples} samples")
