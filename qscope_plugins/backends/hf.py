@@ -13,23 +13,11 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..remote import walk, layout  # torch-only: no import cost
-from .base import Backend, Batch, Editor, Intervention, Sampling, StopForward, editors_by_layer, layer_functions
-
-# Where decoder layers live, most common first: Qwen3 / Qwen3.5 text models, the published
-# multimodal Qwen3.5 layout, older wrappers, GPT-2 style models.
-def _text_config(config):
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def find_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder-layer list of ``model``, resolved by :func:`qscope_plugins.remote.layout`.
-
-    One resolver serves every framework (HF hooks, nnsight traces local or remote), so a layout
-    is supported, and checked against ``num_hidden_layers`` / ``hidden_size``, in one place.
-    """
-    where = layout(model)
-    return walk(model, where.path)
+from ..remote import Intervention, decoder_layers, layout
+from ..remote import decoder_layers as find_layers  # noqa: F401 (the name recipes import)
+from .base import Backend
+from .editing import Editor, StopForward, editors_by_layer, layer_functions
+from .types import Batch, Sampling
 
 
 def _edit_output(edit: Callable[[Tensor], Tensor]):
@@ -55,10 +43,9 @@ class HFBackend(Backend):
             tokenizer = AutoTokenizer.from_pretrained(model.config.name_or_path)
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.layers = find_layers(model)
-        config = _text_config(model.config)
-        self.n_layers = len(self.layers)
-        self.d_model = int(config.hidden_size)
+        where = layout(model)  # the one resolver (also used by nnsight traces), checked against the config
+        self.layers = decoder_layers(model, where)
+        self.n_layers, self.d_model = where.n_layers, where.d_model
         self.device = next(model.parameters()).device
         self.model_name = model.config.name_or_path or None
 

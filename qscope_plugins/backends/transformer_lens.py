@@ -19,7 +19,10 @@ from transformer_lens import HookedTransformer, TransformerLensKeyValueCache
 from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.utilities.logits_utils import sample_logits
 
-from .base import Backend, Batch, Editor, Intervention, Sampling, editors_by_layer, layer_functions
+from ..remote import Intervention
+from .base import Backend
+from .editing import Editor, editors_by_layer, layer_functions
+from .types import Batch, Sampling
 
 
 def hook_name(layer: int) -> str:
