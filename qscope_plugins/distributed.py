@@ -265,7 +265,10 @@ def command_world(args, command: str) -> Iterator[World]:
         yield SINGLE
         return
     args.device = rank_device(args.device, world)
+    from .cli._options import as_usage_errors
+
     with launched(args.device) as world:
         options = {key: value for key, value in vars(args).items() if key != "device" and not callable(value)}
-        world.agree(f"{command} command-line", options)
+        with as_usage_errors():  # a launch whose ranks got different command lines is a wrong command line: exit 2
+            world.agree(f"{command} command-line", options)
         yield world
