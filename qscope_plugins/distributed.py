@@ -84,9 +84,9 @@ class World:
             dist.barrier(group=self._group)
 
     def main_first(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on rank 0 only and hand its result to every rank; an exception there is raised on
-        every rank (same type when it is a ``ValueError``, else :class:`RankFailed`), so no rank waits
-        forever on a collective rank 0 never reaches."""
+        """Run ``fn`` on rank 0 only and hand its result to every rank. An exception there is raised on
+        every rank (rank 0: the original; the others: a ``UsageError`` or ``ValueError`` with the same
+        message, else :class:`RankFailed` naming it), so no rank waits on a collective rank 0 never reaches."""
         if not self.parallel:
             return fn()
         outcome: tuple = ("ok", None)
