@@ -213,6 +213,13 @@ class FootprintStore:
         feature is active (values are token counts for ``position="all"``, otherwise ignored)."""
         if batch != self.completed:
             raise ValueError(f"expected batch {self.completed} next, got batch {batch}")
+        self.write_batch_files(batch, rows)
+        self.completed += 1
+        self._write_meta({})
+
+    def write_batch_files(self, batch: int, rows: Mapping[int, sp.sparray]) -> None:
+        """Batch ``batch``'s layer files only (atomic; ``meta.json`` untouched). A data-parallel rank
+        writes its batches so; such a batch is done once every layer file exists (:meth:`batch_done`)."""
         span = self.config.batch_slice(batch)
         if set(rows) != set(self.config.layers):
             raise ValueError(f"batch {batch} has layers {sorted(rows)}, expected {sorted(self.config.layers)}")
@@ -224,8 +231,31 @@ class FootprintStore:
                     f"expected {(span.stop - span.start, self.config.d_sae)}"
                 )
             atomic_write(self._batch_path(batch, layer), npz_bytes(self._arrays(matrix)), sweep=False)
-        self.completed += 1
-        self._write_meta({})
+
+    # ---- data-parallel runs (qscope_plugins.distributed) ------------------------------------------
+    @classmethod
+    def attach(cls, root: str | Path, config: FootprintConfig) -> FootprintStore:
+        """The store another rank set up, for writing batch files only (reads and writes nothing now)."""
+        store = cls.__new__(cls)
+        store.config, store.directory = config, Path(root) / config.benchmark
+        store.meta_path = store.directory / "meta.json"
+        store.completed, store.complete = 0, False
+        return store
+
+    def batch_done(self, batch: int) -> bool:
+        """Counted in ``meta.json``, or every layer file of the batch is in ``partial/`` (atomic writes:
+        a file that exists is whole)."""
+        return batch < self.completed or all(self._batch_path(batch, n).is_file() for n in self.config.layers)
+
+    def undone(self) -> list[int]:
+        """Batches still to compute, in order (a finished store has none)."""
+        return [] if self.complete else [b for b in self.pending() if not self.batch_done(b)]
+
+    def count_done(self) -> None:
+        """Count the leading batches whose files exist as completed (in memory; the next ``meta.json``
+        write records them), so a run resumes after batches another run's ranks wrote."""
+        while not self.complete and self.completed < self.config.n_batches and self.batch_done(self.completed):
+            self.completed += 1
 
     def _arrays(self, matrix: sp.csr_array) -> dict[str, np.ndarray]:
         matrix = matrix.copy()
