@@ -14,7 +14,6 @@ the build's seeds:
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._io import write_json
 from .assets import ASSETS, MODEL_DIR, SAE_DIR, corpus_generator, read_manifest
 from .benchmarks import build_suite
 from .config import BuildConfig, EvalSeeds
@@ -181,9 +181,7 @@ def write_outputs(out: Path, summary: dict) -> None:
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{SUMMARY}.tmp"
-    tmp.write_text(json.dumps(summary, indent=1) + "\n")
-    tmp.replace(out / SUMMARY)
+    write_json(out / SUMMARY, summary)
 
     cs = summary["code_switch"]
     fig, ax = plt.subplots(figsize=(6, 3.5))

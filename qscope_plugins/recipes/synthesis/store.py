@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..coverage import FeatureKey
 from ..._io import (
-    DamagedFileError, append_line, atomic_write, clean_leftovers, output_lock, read_json, truncate_to_last_line,
+    DamagedFileError, append_line, clean_leftovers, output_lock, read_json, truncate_to_last_line, write_json,
 )
 
 FORMAT = "qscope-synthesis"
@@ -91,7 +91,7 @@ class SynthesisStore:
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.state = {"format": FORMAT, "version": VERSION, "config": config, "rounds": {}}
-            atomic_write(self.state_path, json.dumps(self.state, indent=1))
+            write_json(self.state_path, self.state)
         self.path.touch()
         records = read_synthetic(self.path)
         self.hashes = {r["id"] for r in records}
@@ -117,7 +117,7 @@ class SynthesisStore:
 
     def finish_round(self, key: FeatureKey | None, rounds: int) -> None:
         self.state["rounds"][_state_key(key)] = rounds
-        atomic_write(self.state_path, json.dumps(self.state, indent=1))
+        write_json(self.state_path, self.state)
 
     def append(self, record: dict) -> None:
         """Write one whole line with ``O_APPEND`` and ``fsync`` it before counting it."""
