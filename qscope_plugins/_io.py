@@ -89,6 +89,22 @@ def read_json(path: str | os.PathLike, recovery: str) -> dict:
 
 
 # ---- atomic files --------------------------------------------------------------------------------
+def jsonl_values(path: str | os.PathLike, text: str | None = None, *,
+                 error: type[Exception] = ValueError) -> Iterator[tuple[int, object]]:
+    """``(line number, value)`` of each non-blank line of a JSONL file (``text``: its contents, if already read);
+    a line that is not JSON raises ``error`` naming the file and the line."""
+    if text is None:
+        text = Path(path).read_text(encoding="utf-8")
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise error(f"{path}:{number}: not valid JSON ({err.msg})") from None
+        yield number, value
+
+
 def _temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}")
 
