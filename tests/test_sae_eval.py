@@ -105,8 +105,9 @@ def test_metrics_equal_hand_computation_on_planted_sae(model, tok, skip_first):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(model, tmp_path_factory):
-    return save_checkpoint(model, tmp_path_factory.mktemp("tiny_qwen3"))
+def checkpoint(tmp_path_factory):
+    """The module's model on disk, saved from a fresh copy (a bridge backend rewires the model it wraps)."""
+    return save_checkpoint(tiny_model("Qwen3ForCausalLM", seed=3), tmp_path_factory.mktemp("tiny_qwen3"))
 
 
 @pytest.fixture(scope="module")
