@@ -1,7 +1,8 @@
 """Crash-safe, concurrency-safe file I/O shared by every resumable job (protocols: docs/storage.md).
 
 * :func:`atomic_write` / :func:`atomic_write_with`: a file appears whole or not at all (unique temporary
-  name in the same directory, ``fsync``, ``os.replace``, ``fsync`` of the directory).
+  name in the same directory, ``fsync``, ``os.replace``, ``fsync`` of the directory); :func:`write_json`
+  writes a JSON document that way, :func:`read_json` reads one back.
 * :func:`append_line`: one ``O_APPEND`` write of a whole record, then ``fsync``.
 * :func:`make_temp_dir` / :func:`replace_dir`: build a directory aside and swap it into place.
 * :func:`clean_leftovers`: remove what a killed run left (temporary files and directories); call it
@@ -88,6 +89,22 @@ def read_json(path: str | os.PathLike, recovery: str) -> dict:
 
 
 # ---- atomic files --------------------------------------------------------------------------------
+def jsonl_values(path: str | os.PathLike, text: str | None = None, *,
+                 error: type[Exception] = ValueError) -> Iterator[tuple[int, object]]:
+    """``(line number, value)`` of each non-blank line of a JSONL file (``text``: its contents, if already read);
+    a line that is not JSON raises ``error`` naming the file and the line."""
+    if text is None:
+        text = Path(path).read_text(encoding="utf-8")
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise error(f"{path}:{number}: not valid JSON ({err.msg})") from None
+        yield number, value
+
+
 def _temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}")
 
@@ -192,6 +209,11 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, *, sweep: bool = Tr
             tmp.unlink()
         raise
     return path
+
+
+def write_json(path: str | os.PathLike, obj, *, indent: int = 1, sweep: bool = True, **dumps) -> Path:
+    """``obj`` as a JSON document (``json.dumps(obj, indent=indent, **dumps)`` and a newline), written atomically."""
+    return atomic_write(path, json.dumps(obj, indent=indent, **dumps) + "\n", sweep=sweep)
 
 
 def append_line(path: str | os.PathLike, data: bytes) -> None:

@@ -185,9 +185,7 @@ def _fit(args: argparse.Namespace, texts: dict[str, list[str]], grid: list[int],
             heatmap(table, sorted(deltas), grid, args.plot, "Held-out F1 per layer and K", "F1")
         if args.baselines:
             result["baselines"] = _baselines(args, backend, model, pos, neg, test_pos, test_neg, skip)
-    from ._options import write_atomic
-
-    write_atomic(args.output, json.dumps(model.to_dict(), indent=2))
+    model.save(args.output.expanduser().resolve())
     text = json.dumps(result, indent=2) if args.json else _fit_text(result, args.output)
     sys.stdout.write(text + "\n")
     return 0

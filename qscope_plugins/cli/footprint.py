@@ -24,6 +24,11 @@ def parse_benchmark(value: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
+def add_named_files(p: argparse.ArgumentParser, flag: str, help: str, **kwargs) -> None:
+    """A repeatable ``FLAG NAME=FILE`` option, parsed to ``[(name, path), ...]``."""
+    p.add_argument(flag, type=parse_benchmark, action="append", metavar="NAME=FILE", help=help, **kwargs)
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "footprint",
@@ -32,14 +37,8 @@ def add_parser(subparsers) -> None:
     )
     add_model_options(p)
     add_layers(p, required=True, help="decoder layers (one forward pass serves all)")
-    p.add_argument(
-        "--benchmark",
-        type=parse_benchmark,
-        action="append",
-        required=True,
-        metavar="NAME=FILE",
-        help="benchmark samples: .jsonl records or one text per line (repeatable)",
-    )
+    add_named_files(p, "--benchmark", "benchmark samples: .jsonl records or one text per line (repeatable)",
+                    required=True)
     p.add_argument("--store", type=Path, required=True, help="store directory (one sub-directory per benchmark)")
     p.add_argument("--template", default="{text}", help="prompt template over the record fields, e.g. 'Q: {question}\\nA:'")
     p.add_argument("--id-field", help="record field holding the sample id (default: line number from 0)")

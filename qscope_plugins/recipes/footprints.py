@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._io import output_lock
+from .._io import jsonl_values, output_lock
 from ..backends import Backend
 from ..distributed import SINGLE, World
 from .capture import pooled_batches, sae_widths, tokenize
@@ -28,13 +28,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
     """Records of a JSONL file (one JSON object per non-blank line)."""
     path = Path(path)
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+    for number, record in jsonl_values(path):
         if not isinstance(record, dict):
             raise ValueError(f"{path}:{number}: expected a JSON object")
         records.append(record)
