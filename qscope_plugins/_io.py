@@ -31,7 +31,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 TMP_SUFFIX = ".qscope-tmp"
@@ -214,6 +214,39 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, *, sweep: bool = Tr
 def write_json(path: str | os.PathLike, obj, *, indent: int = 1, sweep: bool = True, **dumps) -> Path:
     """``obj`` as a JSON document (``json.dumps(obj, indent=indent, **dumps)`` and a newline), written atomically."""
     return atomic_write(path, json.dumps(obj, indent=indent, **dumps) + "\n", sweep=sweep)
+
+
+def npz_bytes(arrays: Mapping) -> bytes:
+    """A deterministic ``.npz`` (``np.load`` reads it): sorted entries, fixed timestamps, deflate."""
+    import io
+    import zipfile
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name in sorted(arrays):
+            payload = io.BytesIO()
+            np.lib.format.write_array(payload, np.ascontiguousarray(arrays[name]), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            archive.writestr(info, payload.getvalue())
+    return buffer.getvalue()
+
+
+def load_npz(path: Path, recovery: str) -> dict:
+    """The arrays of an ``.npz`` (never unpickling); a missing or unreadable file is a :class:`DamagedFileError`."""
+    import zipfile
+
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {name: archive[name] for name in archive.files}
+    except FileNotFoundError:
+        raise DamagedFileError(path, "missing", recovery) from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise DamagedFileError(path, f"not a readable .npz: {err}", recovery) from None
 
 
 def append_line(path: str | os.PathLike, data: bytes) -> None:

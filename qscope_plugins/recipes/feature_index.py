@@ -32,8 +32,7 @@ import torch
 from ..backends import Backend
 from ..distributed import SINGLE, World
 from .capture import context_limit, sae_widths
-from .._io import atomic_write, clean_leftovers, output_lock, remove_tree
-from .footprint_store import load_npz, npz_bytes
+from .._io import atomic_write, clean_leftovers, load_npz, npz_bytes, output_lock, remove_tree, write_json
 
 FORMAT = "qscope-feature-index"
 VERSION = 1
@@ -239,7 +238,7 @@ class FeatureIndex:
 def _write_meta(directory: Path, config: IndexConfig, completed: int, complete: bool, files: Mapping, extra: Mapping):
     meta = {"format": FORMAT, "version": VERSION, "config": config.to_dict(), "completed_batches": completed,
             "complete": complete, "files": dict(files), **extra}
-    atomic_write(directory / "meta.json", json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    write_json(directory / "meta.json", meta, sort_keys=True)
 
 
 def _write_npz(directory: Path, name: str, arrays: Mapping[str, np.ndarray], files: dict) -> None:

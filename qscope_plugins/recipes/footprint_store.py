@@ -16,10 +16,7 @@ marks a batch done, how a resume reconciles leftovers, the lock) is in docs/stor
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 import re
-import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
@@ -27,16 +24,14 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from .._io import TMP_SUFFIX, DamagedFileError, atomic_write, clean_leftovers, read_json, remove_tree
+from .._io import TMP_SUFFIX, DamagedFileError, atomic_write, clean_leftovers, load_npz, npz_bytes, read_json, remove_tree, write_json
 
-__all__ = ["FootprintConfig", "FootprintStore", "Footprints", "atomic_write", "content_hash", "load_npz", "npz_bytes",
-           "open_stores"]
+__all__ = ["FootprintConfig", "FootprintStore", "Footprints", "content_hash", "open_stores"]
 
 FORMAT = "qscope-footprints"
 VERSION = 1
 POSITIONS = ("last", "any", "all")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
 
 def content_hash(text: str) -> str:
@@ -44,32 +39,9 @@ def content_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
-    """A deterministic ``.npz`` (``np.load`` reads it): sorted entries, fixed timestamps, deflate."""
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for name in sorted(arrays):
-            payload = io.BytesIO()
-            np.lib.format.write_array(payload, np.ascontiguousarray(arrays[name]), allow_pickle=False)
-            info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_TIME)
-            info.compress_type = zipfile.ZIP_DEFLATED
-            archive.writestr(info, payload.getvalue())
-    return buffer.getvalue()
-
-
 def _recovery(directory: Path) -> str:
     return (f"recover by rerunning with --overwrite (qscope footprint ... --overwrite, or overwrite=True), "
             f"which recomputes {directory.name} from scratch")
-
-
-def load_npz(path: Path, recovery: str) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            return {name: archive[name] for name in archive.files}
-    except FileNotFoundError:
-        raise DamagedFileError(path, "missing", recovery) from None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        raise DamagedFileError(path, f"not a readable .npz: {err}", recovery) from None
 
 
 @dataclass(frozen=True)
@@ -297,7 +269,7 @@ class FootprintStore:
             "complete": self.complete,
             "files": dict(files),
         }
-        atomic_write(self.meta_path, json.dumps(meta, indent=1, sort_keys=True) + "\n", sweep=False)
+        write_json(self.meta_path, meta, sort_keys=True, sweep=False)
 
     # ---- reading -------------------------------------------------------------------------------
     @staticmethod
