@@ -82,29 +82,34 @@ def _is_sae(module: torch.nn.Module) -> bool:
 def _refuse(where: str, value: Any, held: bool) -> None:
     """Raise :class:`RemoteRequestError` if ``value`` is a module (an SAE above all) or comes from a
     package NDIF cannot import. ``where`` names it; ``held``: reached inside what the block names."""
-    holds = "which holds " if held else ""
     if isinstance(value, torch.nn.Module):
         size = _size(sum(t.untyped_storage().nbytes() for t in value.state_dict().values()))
-        if _is_sae(value):
-            route = (" inside it (through a closure, a bound method, a partial, an attribute, a container or "
-                     "a global a function reads)") if held else ""
+        kind = type(value).__name__
+        if _is_sae(value) and held:
+            problem = (f"which holds a full SAE ({kind}, {size}) inside it (through a closure, a bound method, a "
+                       "partial, an attribute, a container or a global a function reads); it would travel")
+        elif _is_sae(value):
+            problem = f"a full SAE ({size}), which would travel"
+        else:
+            weights = f"which holds a {kind} module ({size} of weights) that" if held else (
+                f"a {kind} module ({size} of weights that")
             raise RemoteRequestError(
-                f"this remote trace captures {where}, {holds}a full SAE ({type(value).__name__}, {size}){route}; "
-                f"it would travel with every request and cannot be imported on NDIF. {_WHAT_TO_DO}"
+                f"this remote trace captures {where}, {weights} would travel with the request"
+                f"{'' if held else ')'}; reach the model's modules through the nnsight model inside the trace, "
+                "and pass other weights as the small tensors needed"
             )
         raise RemoteRequestError(
-            f"this remote trace captures {where}, {holds}a {type(value).__name__} module ({size} of weights) that "
-            "would travel with the request; reach the model's modules through the nnsight model inside the "
-            "trace, and pass other weights as the small tensors needed"
+            f"this remote trace captures {where}, {problem} with every request and cannot be imported on NDIF. "
+            f"{_WHAT_TO_DO}"
         )
     if _unshippable(value):
         what = (
             f"module {value.__name__}" if isinstance(value, types.ModuleType)
             else f"{getattr(value, '__qualname__', type(value).__qualname__)} from {_origin(value)}"
         )
-        subject = f"{where}, which reaches {what}," if held else f"{where} ({what}),"
+        subject = f"{where}, which reaches {what} that" if held else f"{where} ({what}), which"
         raise RemoteRequestError(
-            f"this remote trace captures {subject} which the NDIF server cannot import: inside a remote "
+            f"this remote trace captures {subject} the NDIF server cannot import: inside a remote "
             f"trace use only qscope_plugins.remote and plain tensors. {_WHAT_TO_DO}"
         )
 
