@@ -4,11 +4,12 @@ Importing the package imports no framework (and not torch): it registers with ea
 framework as soon as that framework is imported, before or after this package, and warns with a
 :class:`RegistrationWarning` when one cannot be registered (see ``_register``).
 :func:`register` imports and registers every installed framework explicitly and says what it
-registered; :func:`registration_status` says where each framework stands.
+registered; :func:`registration_status` says where each framework stands; :func:`unregister`
+undoes it all, exactly.
 """
 
 from . import _register
-from ._register import FrameworkStatus, RegistrationWarning, register, registration_status
+from ._register import FrameworkStatus, RegistrationWarning, register, registration_status, unregister
 from .catalog import GROUPS, SAEGroup, find_group, get_group
 
 # The SAE class subclasses SAELens's TopKSAE; importing it lazily keeps `qscope_plugins.remote`
@@ -39,6 +40,7 @@ __all__ = [
     "load_sae",
     "register",
     "registration_status",
+    "unregister",
 ]
 
 _register.activate()

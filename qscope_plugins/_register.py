@@ -16,7 +16,9 @@ once everything it builds on is complete; every integration runs in ``INTEGRATIO
 Never silent: an installed framework that cannot be registered (outside its tested window in
 ``_versions``, an integration module that fails to import, a ``register()`` that raises) gives
 one :class:`RegistrationWarning` naming it, its version and the reason, and is not patched.
-Nothing here ever raises into the user's ``import``; :func:`registration_status` shows the state.
+Nothing here ever raises into the user's ``import``; :func:`registration_status` shows the state,
+with what went through each framework's extension points (``registered``) apart from the names
+replaced where it has none (``patched``). :func:`unregister` undoes both, exactly.
 """
 
 from __future__ import annotations
@@ -59,9 +61,12 @@ class FrameworkStatus:
       ``None`` when the framework is not installed.
     - ``imported``: whether the framework is imported in this process (registration happens then).
     - ``state``: ``"not installed"``, ``"not imported"`` (installed; registers on first import),
-      ``"registered"``, ``"refused"`` (outside the window: not patched) or ``"failed"``.
+      ``"registered"``, ``"refused"`` (outside the window: not patched), ``"failed"`` or
+      ``"unregistered"`` (:func:`unregister` undid it; only an explicit :func:`register` redoes it).
     - ``registered``: ``{integration name: [what it registered]}`` (``INTEGRATIONS`` names:
       ``transformer_lens`` has two, ``transformer_lens`` and ``bridge``), for those that registered.
+    - ``patched``: ``{integration name: [attributes replaced]}`` (``"module.Class.name"``): the
+      patches made where the framework has no extension point, each undone by :func:`unregister`.
     - ``error``: the reason given in the :class:`RegistrationWarning`, ``None`` when there was none.
     """
 
@@ -74,6 +79,7 @@ class FrameworkStatus:
     state: str
     registered: dict[str, list[str]] = field(default_factory=dict)
     error: str | None = None
+    patched: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -82,7 +88,7 @@ class _Integration:
     framework: str  # import name of the framework it registers with
     module: str  # the module whose ``register()`` runs
     requires: tuple[str, ...]  # distributions whose tested window it needs
-    state: str = "pending"  # pending | registered | refused | failed
+    state: str = "pending"  # pending | registered | refused | failed | unregistered
     items: list[str] = field(default_factory=list)
     error: str | None = None
     seen: frozenset[str] = frozenset()  # frameworks loaded when it last ran (re-run when that grows)
@@ -218,13 +224,14 @@ class Registry:
             if not self._dirty:
                 return
 
-    def register(self) -> dict[str, list[str]]:
-        """Import and register every installed framework; ``{integration: [what it registered now]}``."""
+    def register(self, frameworks: tuple[str, ...] = ()) -> dict[str, list[str]]:
+        """Import and register every installed framework (or those named); ``{integration: [registered now]}``."""
+        self._check_names(frameworks)
         done: dict[str, list[str]] = {}
         with self._run_lock:
             nested, self._running = self._running, True
             try:
-                self._pass(explicit=True, done=done)
+                self._pass(explicit=True, done=done, frameworks=frameworks)
                 while self._dirty and not nested:
                     self._dirty = False
                     self._pass(explicit=False, done={})
@@ -232,16 +239,42 @@ class Registry:
                 self._running = nested
         return done
 
-    def _pass(self, explicit: bool, done: dict[str, list[str]]) -> None:
+    def unregister(self, frameworks: tuple[str, ...] = ()) -> dict[str, list[str]]:
+        """Undo every integration (or those of the frameworks named), last first; ``{integration: [undone]}``.
+
+        Each one is then ``"unregistered"``: later imports leave it alone until :meth:`register`.
+        """
+        self._check_names(frameworks)
+        done: dict[str, list[str]] = {}
+        with self._run_lock:
+            for integration in reversed(self.integrations):
+                if frameworks and integration.framework not in frameworks:
+                    continue
+                module = sys.modules.get(integration.module)
+                undo = getattr(module, "unregister", None)
+                done[integration.name] = list(undo()) if undo is not None else []
+                if integration.state != "refused":
+                    integration.state, integration.error = "unregistered", None
+                integration.items, integration.seen = [], frozenset()
+        return done
+
+    def _check_names(self, frameworks: tuple[str, ...]) -> None:
+        unknown = [f for f in frameworks if f not in self.frameworks]
+        if unknown:
+            raise ValueError(f"unknown framework {unknown[0]!r}: expected one of {', '.join(sorted(self.frameworks))}")
+
+    def _pass(self, explicit: bool, done: dict[str, list[str]], frameworks: tuple[str, ...] = ()) -> None:
         for integration in self.integrations:
             framework = integration.framework
+            if frameworks and framework not in frameworks:
+                continue
             if explicit:
                 if not self._installed(framework):
                     done[integration.name] = []
                     continue
             elif not self._loaded(framework):
                 continue
-            elif integration.state in ("refused", "failed"):
+            elif integration.state in ("refused", "failed", "unregistered"):
                 continue
             elif integration.state == "registered" and integration.seen == self._loaded_frameworks():
                 continue
@@ -311,6 +344,11 @@ class Registry:
             return False
 
     # ------------------------------------------------------------ status
+    @staticmethod
+    def _patched(integration: _Integration) -> list[str]:
+        patched = getattr(sys.modules.get(integration.module), "patched", None)
+        return list(patched()) if patched is not None else []
+
     def status(self) -> dict[str, FrameworkStatus]:
         result = {}
         for framework, distribution in self.frameworks.items():
@@ -330,6 +368,8 @@ class Registry:
                 state = "failed"
             elif states == {"registered"}:
                 state = "registered"
+            elif "unregistered" in states:
+                state = "unregistered"
             elif version is None and not imported:
                 state = "not installed"
             else:
@@ -345,6 +385,7 @@ class Registry:
                 state=state,
                 registered={i.name: list(i.items) for i in mine if i.state == "registered"},
                 error="; ".join(i.error for i in mine if i.error) or None,
+                patched={i.name: self._patched(i) for i in mine if i.state == "registered"},
             )
         return result
 
@@ -356,16 +397,29 @@ REGISTRY = Registry(
 )
 
 
-def register() -> dict[str, list[str]]:
-    """Register Qwen-Scope models and SAEs with every installed framework, importing each.
+def register(*frameworks: str) -> dict[str, list[str]]:
+    """Register Qwen-Scope models and SAEs with every installed framework (or those named), importing each.
 
+    ``frameworks`` are import names (``"sae_lens"``, ``"transformer_lens"``, ``"nnsight"``).
     Returns ``{integration: [what it registered]}``; an integration whose framework is not
     installed maps to an empty list, and so does one that was refused or failed (it warned,
     once, with a :class:`RegistrationWarning`). Calling this twice registers nothing twice:
     each integration keeps its own "already done" state. You rarely need it: ``import
-    qscope_plugins`` registers with each framework as soon as that framework is imported.
+    qscope_plugins`` registers with each framework as soon as that framework is imported;
+    after :func:`unregister` it is the way back.
     """
-    return REGISTRY.register()
+    return REGISTRY.register(frameworks)
+
+
+def unregister(*frameworks: str) -> dict[str, list[str]]:
+    """Undo the registration with every framework (or those named): the opposite of :func:`register`.
+
+    Every replaced name gets its original object back, and every class, converter and module
+    registered is removed from the framework's registries (an entry this package replaced gets
+    the framework's own back). Returns ``{integration: [what was undone]}``; idempotent. The
+    frameworks are left alone afterwards, even on later imports, until :func:`register` is called.
+    """
+    return REGISTRY.unregister(frameworks)
 
 
 def registration_status() -> dict[str, FrameworkStatus]:
@@ -375,11 +429,6 @@ def registration_status() -> dict[str, FrameworkStatus]:
     to register every installed framework). See :class:`FrameworkStatus` for the fields.
     """
     return REGISTRY.status()
-
-
-def registered(integration: str) -> bool:
-    """Whether the integration named ``integration`` (``INTEGRATIONS``) has registered in this process."""
-    return any(i.name == integration and i.state == "registered" for i in REGISTRY.integrations)
 
 
 def activate() -> None:

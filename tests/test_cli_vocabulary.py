@@ -172,11 +172,15 @@ def test_doctor(capsys):
     assert rows["triton"]["window"] is None
     assert set(report["registrations"]) == {"sae_lens", "transformer_lens", "nnsight"}  # keyed by framework
     assert all(value["state"] == "registered" for value in report["registrations"].values())
+    assert report["registrations"]["nnsight"]["patched"] == ["nnsight.schema.request.RequestModel.serialize"]
+    assert "sae_lens.analysis.hooked_sae_transformer.HookedSAETransformer.add_sae" in (
+        report["registrations"]["sae_lens"]["patched"])
     assert isinstance(report["accelerators"]["cuda_available"], bool)
     assert report["verdict"].startswith("OK: " if report["ok"] else "PROBLEM: ")
     assert main(["doctor"]) == status
     text = capsys.readouterr().out
     assert "tested window" in text and text.strip().splitlines()[-1] == report["verdict"]
+    assert "    patched (no extension point; qscope_plugins.unregister() restores): nnsight.schema.request." in text
 
 
 def test_doctor_lists_cached_qwen_scope_repos(tmp_path, monkeypatch, capsys):

@@ -28,6 +28,7 @@ from qscope_plugins.integrations import transformer_lens as tl_integration
 
 ROOT = Path(__file__).resolve().parents[1]
 FRAMEWORKS = ("sae_lens", "transformer_lens", "nnsight")
+OURS = "qscope_plugins.integrations.saelens"  # the module of the loader SAE.from_pretrained uses for a release
 
 # Printed by every subprocess: what each framework looks like from the outside.
 PROBE = """
@@ -39,7 +40,8 @@ def probe():
         from sae_lens.loading.pretrained_sae_loaders import NAMED_PRETRAINED_SAE_LOADERS
         release = qscope_plugins.GROUPS[0].release
         directory = sys.modules["sae_lens.saes.sae"].get_pretrained_saes_directory()  # SAE.from_pretrained's
-        out["saelens"] = ["qscope" in NAMED_PRETRAINED_SAE_LOADERS, getattr(directory.get(release), "conversion_func", None)]
+        loader = NAMED_PRETRAINED_SAE_LOADERS.get(getattr(directory.get(release), "conversion_func", None))
+        out["saelens"] = ["qscope" in NAMED_PRETRAINED_SAE_LOADERS, getattr(loader, "__module__", None)]  # release's
         out["add_sae_checked"] = hasattr(sys.modules["sae_lens"].HookedSAETransformer.add_sae, "__wrapped__")
     if "transformer_lens" in sys.modules:
         from transformer_lens import HookedTransformer
@@ -86,7 +88,7 @@ def test_import_loads_no_framework_and_each_registers_on_first_import_tl_first()
         "imported": ["torch", "transformer_lens"], "hooked": True, "bridge": True,
         "state": {"sae_lens": "not imported", "transformer_lens": "registered", "nnsight": "not imported"},
     }
-    assert out[2]["saelens"] == [True, "qscope"] and out[2]["add_sae_checked"] is True
+    assert out[2]["saelens"] == [True, OURS] and out[2]["add_sae_checked"] is True
     assert out[2]["parsed_at_import"] == 0
     assert out[2]["state"] == {"sae_lens": "registered", "transformer_lens": "registered", "nnsight": "not imported"}
     assert out[3]["nnsight_guard"] is True
@@ -108,7 +110,7 @@ def test_registered_when_imported_through_this_package_or_saelens_first():
     assert out[0]["nnsight_guard"] is True and out[0]["imported"] == ["nnsight", "torch"]
     assert out[1] == {
         "imported": ["nnsight", "sae_lens", "torch", "transformer_lens"],
-        "saelens": [True, "qscope"], "add_sae_checked": True, "hooked": True, "bridge": True, "nnsight_guard": True,
+        "saelens": [True, OURS], "add_sae_checked": True, "hooked": True, "bridge": True, "nnsight_guard": True,
         "state": dict.fromkeys(FRAMEWORKS, "registered"),
     }
 
@@ -122,7 +124,7 @@ def test_frameworks_imported_before_the_package_are_registered_by_its_import():
         import qscope_plugins
         print(json.dumps(probe()))
     """)
-    assert out["saelens"] == [True, "qscope"] and out["add_sae_checked"] and out["hooked"] and out["bridge"]
+    assert out["saelens"] == [True, OURS] and out["add_sae_checked"] and out["hooked"] and out["bridge"]
     assert out["nnsight_guard"] is True
     assert out["state"] == dict.fromkeys(FRAMEWORKS, "registered")
 
@@ -150,7 +152,7 @@ def test_version_outside_the_window_warns_once_and_patches_nothing():
     assert out["warnings"] == [f"qscope-plugins did not register with sae_lens (sae-lens 6.99.0): {reason}"]
     assert out["again"] == []
     assert out["status"] == ["6.99.0", False, "refused", reason]
-    assert out["saelens"][0] is False and out["saelens"][1] != "qscope"  # no converter, releases untouched
+    assert out["saelens"] == [False, "sae_lens.loading.pretrained_sae_loaders"]  # no converter, SAELens's loader
     assert out["add_sae_checked"] is False  # TransformerLens's integration leaves SAELens alone too
     assert out["hooked"] is True and out["state"]["transformer_lens"] == "registered"
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from sae_lens import SAE
-from sae_lens.loading.pretrained_sae_loaders import NAMED_PRETRAINED_SAE_LOADERS
+from sae_lens.loading.pretrained_sae_loaders import NAMED_PRETRAINED_SAE_CONFIG_GETTERS, NAMED_PRETRAINED_SAE_LOADERS
 from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 
 import qscope_plugins
@@ -13,24 +13,22 @@ from qscope_plugins.testing.sae_files import random_sae_state, write_released_la
 
 
 def test_all_releases_use_the_qscope_loader():
+    """SAELens's own directory lists every release, under its converter name ``qwen_scope``, which
+    now names this project's loader; no other release uses that name."""
     directory = get_pretrained_saes_directory()
     for group in GROUPS:
         entry = directory[group.release]
-        assert entry.conversion_func == "qscope" and entry.repo_id == group.repo_id
-        assert len(entry.saes_map) == group.n_layers
-        assert entry.saes_map[f"layer{group.n_layers - 1}"] == f"layer{group.n_layers - 1}.sae.pt"
-    assert NAMED_PRETRAINED_SAE_LOADERS["qscope"] is integration.qscope_loader
+        assert entry.conversion_func == integration.SAELENS_CONVERTER and entry.repo_id == group.repo_id
+        assert entry.saes_map == {f"layer{n}": group.filename(n) for n in range(group.n_layers)}
+    assert {r for r, e in directory.items() if e.conversion_func == "qwen_scope"} == {g.release for g in GROUPS}
+    for name in ("qscope", "qwen_scope"):
+        assert NAMED_PRETRAINED_SAE_LOADERS[name] is integration.qscope_loader
+        assert NAMED_PRETRAINED_SAE_CONFIG_GETTERS[name] is integration.qscope_config
 
 
-def test_register_is_idempotent_and_restores_missing_releases():
+def test_register_is_idempotent():
     assert qscope_plugins.register()["saelens"] == []
-    directory = get_pretrained_saes_directory()
-    removed = directory.pop(GROUPS[-1].release)
-    try:
-        assert integration.register() == [f"release {GROUPS[-1].release}"]
-        assert directory[GROUPS[-1].release].conversion_func == "qscope"
-    finally:
-        directory.setdefault(removed.release, removed)
+    assert integration.register() == []
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """``qscope doctor``: what this installation is made of, for bug reports.
 
-Versions of the frameworks and whether each lies in the tested window, what registered with each,
+Versions of the frameworks and whether each lies in the tested window, what registered with each
+(and which of their names were patched, where a framework has no extension point),
 CUDA and Triton, the Hugging Face cache and the Qwen-Scope repos and backbones in it, then a
 one-line verdict. ``--json`` prints the same as one JSON object. Exit status 0 when the verdict is
 OK, 1 when something needs attention.
@@ -51,11 +52,12 @@ def registration_status() -> dict[str, dict]:
     try:
         qscope_plugins.register()
     except Exception as err:  # report it; doctor itself must not fail
-        return {"*": {"state": "failed", "registered": [], "error": f"{type(err).__name__}: {err}"}}
+        return {"*": {"state": "failed", "registered": [], "patched": [], "error": f"{type(err).__name__}: {err}"}}
     out = {}
     for name, status in qscope_plugins.registration_status().items():
         value = dataclasses.asdict(status)
-        value["registered"] = [item for items in value["registered"].values() for item in items]
+        for key in ("registered", "patched"):
+            value[key] = [item for items in value[key].values() for item in items]
         out[name] = value
     return out
 
@@ -158,6 +160,9 @@ def _text(report: dict) -> str:
         what = ", ".join(value["registered"]) or "nothing registered"
         state = value.get("state", "")
         lines.append(f"  {name} ({state}): " + (f"ERROR {value['error']}" if value.get("error") else what))
+        if value.get("patched"):
+            lines.append("    patched (no extension point; qscope_plugins.unregister() restores): "
+                         + ", ".join(value["patched"]))
     acc = report["accelerators"]
     lines.append("")
     lines.append(f"CUDA: {'available' if acc['cuda_available'] else 'not available'}"

@@ -6,7 +6,7 @@ Every workaround here is
   Qwen modelling modules in :data:`QWEN_MODULES`; every other model sees TransformerLens unchanged;
 - **version-guarded**: it is installed only on the transformers / TransformerLens versions where
   the upstream behaviour was observed (``applies``);
-- **reversible**: the original attribute is kept and :func:`revert` puts it back.
+- **reversible**: the original attribute is kept and :func:`revert` puts it back (:mod:`._patch`).
 
 :func:`apply` is called by :func:`qscope_plugins.integrations.bridge.register`; docs/models.md
 ("Upstream behaviour and workarounds") gives each root cause and the upstream report.
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._versions import installed, parse
+from ._patch import Changes
 
 # HF modelling modules whose attention / Gated DeltaNet modules the workarounds may touch.
 QWEN_MODULES = frozenset(
@@ -160,34 +161,33 @@ WORKAROUNDS: tuple[Workaround, ...] = (
     ),
 )
 
-_ORIGINALS: dict[str, tuple[type, Any, bool]] = {}  # name -> (class, original raw attribute, own attribute?)
+_CHANGES = Changes()
+_ACTIVE: list[str] = []  # names of the workarounds in place, in WORKAROUNDS order
 
 
 def apply() -> list[str]:
     """Install every workaround that applies to the installed versions (idempotent); return the active names."""
     for w in WORKAROUNDS:
-        if w.name in _ORIGINALS or not w.applies():
+        if w.name in _ACTIVE or not w.applies():
             continue
         cls = w.target()
-        raw = inspect.getattr_static(cls, w.attribute)
-        _ORIGINALS[w.name] = (cls, raw, w.attribute in vars(cls))
-        setattr(cls, w.attribute, w.wrap(raw))
+        _CHANGES.patch(cls, w.attribute, w.wrap(inspect.getattr_static(cls, w.attribute)))
+        _ACTIVE.append(w.name)
     return active()
 
 
 def active() -> list[str]:
-    return [w.name for w in WORKAROUNDS if w.name in _ORIGINALS]
+    return [w.name for w in WORKAROUNDS if w.name in _ACTIVE]
+
+
+def patched() -> list[str]:
+    """The attributes the active workarounds replaced (``module.Class.attribute``)."""
+    return _CHANGES.labels("patched")
 
 
 def revert() -> list[str]:
-    """Put every original back; return the names reverted."""
-    reverted = []
-    for w in reversed(WORKAROUNDS):
-        if w.name in _ORIGINALS:
-            cls, raw, own = _ORIGINALS.pop(w.name)
-            if own:
-                setattr(cls, w.attribute, raw)
-            else:
-                delattr(cls, w.attribute)  # it was inherited: let the base class's show through again
-            reverted.append(w.name)
+    """Put every original back (the class's own attribute, or the inherited one); return the names reverted."""
+    reverted = list(reversed(_ACTIVE))
+    _CHANGES.undo()
+    _ACTIVE.clear()
     return reverted

@@ -34,8 +34,9 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from ..models import architecture_of
 from ..models._hf import TEXT_ARCHITECTURE, find_hf_config
 from . import _compat
+from ._patch import Changes
 
-_ORIGINAL: dict[str, Any] = {}
+_CHANGES = Changes()
 
 
 def text_only_model(hf_model: PreTrainedModel) -> PreTrainedModel:
@@ -72,10 +73,15 @@ def register() -> list[str]:
     """Wrap ``TransformerBridge.boot_transformers`` once; return what is routed text-only, and the
     upstream workarounds (:mod:`._compat`) that apply to the installed versions.
 
-    TransformerLens installs ``boot_transformers`` as a staticmethod (3.9) or classmethod;
-    the wrapper keeps whichever kind it finds.
+    The bridge's extension points cannot express this routing: ``ArchitectureAdapterFactory.
+    register_adapter`` only picks the adapter, after ``boot`` has chosen the HF model class from
+    the architecture (``AutoModelForImageTextToText`` for these names, vision tower included), and
+    the adapter's ``prepare_loading`` / ``prepare_model`` hooks cannot change that class or swap
+    in another model. Registering an adapter under the multimodal names would also take them from
+    users who ask for TransformerLens's own (torchvision) adapter. So ``boot_transformers`` is
+    wrapped, as a staticmethod (3.9) or classmethod, whichever kind it is.
     """
-    if not _ORIGINAL:
+    if not _CHANGES:
         raw = inspect.getattr_static(TransformerBridge, "boot_transformers")
         original = raw.__func__
         signature = inspect.signature(original)
@@ -86,7 +92,16 @@ def register() -> list[str]:
             _text_only_arguments(bound.arguments)
             return original(*bound.args, **bound.kwargs)
 
-        _ORIGINAL["boot_transformers"] = raw
-        TransformerBridge.boot_transformers = type(raw)(boot_transformers)
+        _CHANGES.patch(TransformerBridge, "boot_transformers", type(raw)(boot_transformers))
     routed = [f"TransformerBridge:{mm}->{text}" for mm, text in TEXT_ARCHITECTURE.items()]
     return routed + [f"workaround:{name}" for name in _compat.apply()]
+
+
+def patched() -> list[str]:
+    """The TransformerLens attributes replaced now (the wrapper and the workarounds)."""
+    return _CHANGES.labels("patched") + _compat.patched()
+
+
+def unregister() -> list[str]:
+    """Put every workaround's original and ``boot_transformers`` back; return what was undone."""
+    return [f"workaround:{name}" for name in _compat.revert()] + _CHANGES.undo()

@@ -32,6 +32,7 @@ from nnsight.intervention.serialization import DEFAULT_PROTOCOL, CustomCloudPick
 from nnsight.schema.request import RequestModel
 
 from .. import remote
+from ._patch import Changes
 
 #: Captured tensors above this total refuse to travel: the smallest Qwen-Scope encoder is 256 MiB.
 MAX_CAPTURED_BYTES = 128 * 2**20
@@ -40,6 +41,7 @@ MAX_REQUEST_BYTES = 128 * 2**20
 
 _UNSHIPPABLE = ("sae_lens", "transformer_lens", "qscope_plugins")
 _GUARD_FLAG = "_qscope_request_check"
+_CHANGES = Changes()
 
 _WHAT_TO_DO = (
     "Build what the trace needs before it starts: qscope_plugins.nnsight_api.steering(model, layer, "
@@ -73,6 +75,45 @@ def _unshippable(value: Any) -> bool:
     return origin.split(".")[0] in _UNSHIPPABLE and origin != remote.__name__
 
 
+def _is_sae(module: torch.nn.Module) -> bool:
+    return hasattr(module, "W_enc") and hasattr(module, "W_dec")
+
+
+def _refuse(where: str, value: Any, held: bool) -> None:
+    """Raise :class:`RemoteRequestError` if ``value`` is a module (an SAE above all) or comes from a
+    package NDIF cannot import. ``where`` names it; ``held``: reached inside what the block names."""
+    if isinstance(value, torch.nn.Module):
+        size = _size(sum(t.untyped_storage().nbytes() for t in value.state_dict().values()))
+        kind = type(value).__name__
+        if _is_sae(value) and held:
+            problem = (f"which holds a full SAE ({kind}, {size}) inside it (through a closure, a bound method, a "
+                       "partial, an attribute, a container or a global a function reads); it would travel")
+        elif _is_sae(value):
+            problem = f"a full SAE ({size}), which would travel"
+        else:
+            weights = f"which holds a {kind} module ({size} of weights) that" if held else (
+                f"a {kind} module ({size} of weights that")
+            raise RemoteRequestError(
+                f"this remote trace captures {where}, {weights} would travel with the request"
+                f"{'' if held else ')'}; reach the model's modules through the nnsight model inside the trace, "
+                "and pass other weights as the small tensors needed"
+            )
+        raise RemoteRequestError(
+            f"this remote trace captures {where}, {problem} with every request and cannot be imported on NDIF. "
+            f"{_WHAT_TO_DO}"
+        )
+    if _unshippable(value):
+        what = (
+            f"module {value.__name__}" if isinstance(value, types.ModuleType)
+            else f"{getattr(value, '__qualname__', type(value).__qualname__)} from {_origin(value)}"
+        )
+        subject = f"{where}, which reaches {what} that" if held else f"{where} ({what}), which"
+        raise RemoteRequestError(
+            f"this remote trace captures {subject} the NDIF server cannot import: inside a remote "
+            f"trace use only qscope_plugins.remote and plain tensors. {_WHAT_TO_DO}"
+        )
+
+
 class _Checker:
     """Walks the values a block captures; collects tensor bytes and raises on the first problem."""
 
@@ -93,31 +134,11 @@ class _Checker:
         self.seen.add(id(value))
         if isinstance(value, torch.Tensor):
             self.bytes += value.untyped_storage().nbytes()
-        elif isinstance(value, torch.nn.Module):
-            size = sum(t.untyped_storage().nbytes() for t in value.state_dict().values())
-            if hasattr(value, "W_enc") and hasattr(value, "W_dec"):
-                raise RemoteRequestError(
-                    f"this remote trace captures `{name}`, a full SAE ({_size(size)}), which would travel "
-                    f"with every request and cannot be imported on NDIF. {_WHAT_TO_DO}"
-                )
-            raise RemoteRequestError(
-                f"this remote trace captures `{name}`, a {type(value).__name__} module ({_size(size)} of "
-                "weights that would travel with the request); reach the model's modules through the "
-                "nnsight model inside the trace, and pass other weights as the small tensors needed"
-            )
-        elif isinstance(value, (remote.Steering, remote.EncoderRows)):
+            return
+        _refuse(f"`{name}`", value, held=False)
+        if isinstance(value, (remote.Steering, remote.EncoderRows)):
             self.check_spec(name, value)
             self.visit_fields(name, value)
-        elif _unshippable(value):
-            what = (
-                f"module {value.__name__}" if isinstance(value, types.ModuleType)
-                else f"{getattr(value, '__qualname__', type(value).__qualname__)} from {_origin(value)}"
-            )
-            raise RemoteRequestError(
-                f"this remote trace captures `{name}` ({what}), which the NDIF "
-                f"server cannot import: inside a remote trace use only qscope_plugins.remote and plain "
-                f"tensors. {_WHAT_TO_DO}"
-            )
         elif isinstance(value, dict):
             for key, item in value.items():
                 self.visit(f"{name}[{key!r}]", item)
@@ -166,20 +187,7 @@ class _Walk:
         name = self.where()
         if isinstance(obj, types.MethodType):
             self.inspect(obj.__self__)
-        if isinstance(obj, torch.nn.Module):
-            size = sum(t.untyped_storage().nbytes() for t in obj.state_dict().values())
-            if hasattr(obj, "W_enc") and hasattr(obj, "W_dec"):
-                raise RemoteRequestError(
-                    f"this remote trace captures {name}, which holds a full SAE ({type(obj).__name__}, "
-                    f"{_size(size)}) inside it (through a closure, a bound method, a partial, an attribute, a "
-                    f"container or a global a function reads); it would travel with every request and "
-                    f"cannot be imported on NDIF. {_WHAT_TO_DO}"
-                )
-            raise RemoteRequestError(
-                f"this remote trace captures {name}, which holds a {type(obj).__name__} module ({_size(size)} of "
-                "weights) that would travel with the request; reach the model's modules through the "
-                "nnsight model inside the trace, and pass other weights as the small tensors needed"
-            )
+        _refuse(name, obj, held=True)
         if isinstance(obj, torch.nn.Parameter):
             raise RemoteRequestError(
                 f"this remote trace captures {name}, which holds a module parameter of shape {tuple(obj.shape)} "
@@ -193,15 +201,6 @@ class _Walk:
             self._tensor_bytes((id(obj), obj.nbytes), obj.nbytes)
         elif isinstance(obj, (remote.Steering, remote.EncoderRows)):
             self.checker.check_spec(self.name, obj)
-        elif _unshippable(obj):
-            what = (
-                f"module {obj.__name__}" if isinstance(obj, types.ModuleType)
-                else f"{getattr(obj, '__qualname__', type(obj).__qualname__)} from {_origin(obj)}"
-            )
-            raise RemoteRequestError(
-                f"this remote trace captures {name}, which reaches {what} that the NDIF server cannot "
-                f"import: inside a remote trace use only qscope_plugins.remote and plain tensors. {_WHAT_TO_DO}"
-            )
 
     def _tensor_bytes(self, key: tuple[int, int], nbytes: int) -> None:
         if key in self.storages:
@@ -276,6 +275,7 @@ def check_request(tracer: Any) -> None:
 
 
 def _register_remote_module() -> bool:
+    """``nnsight.register(remote)`` unless it is registered; True if this call registered it."""
     if remote.__name__ in cloudpickle.list_registry_pickle_by_value():
         return False
     nnsight.register(remote)
@@ -300,12 +300,28 @@ def _checked(serialize: Any) -> Any:
 
 
 def register() -> list[str]:
-    """Register ``qscope_plugins.remote`` for remote traces and install the request check; idempotent."""
+    """Register ``qscope_plugins.remote`` for remote traces and install the request check; idempotent.
+
+    ``nnsight.register`` is nnsight's own way to ship a module by value. nnsight has no hook before
+    a request is sent, so ``RequestModel.serialize`` (every remote path goes through it) is wrapped.
+    """
     done = []
     if _register_remote_module():
+        _CHANGES.record(f"nnsight.register({remote.__name__})",
+                        functools.partial(cloudpickle.unregister_pickle_by_value, remote))
         done.append(f"nnsight.register({remote.__name__})")
     serialize = RequestModel.serialize.__func__
     if not getattr(serialize, _GUARD_FLAG, False):
-        RequestModel.serialize = _checked(serialize)
+        _CHANGES.patch(RequestModel, "serialize", _checked(serialize))
         done.append("check of remote requests before sending (no full SAEs, layers in range)")
     return done
+
+
+def patched() -> list[str]:
+    """The nnsight names replaced now."""
+    return _CHANGES.labels("patched")
+
+
+def unregister() -> list[str]:
+    """Restore ``RequestModel.serialize``; unregister ``qscope_plugins.remote`` if :func:`register` registered it."""
+    return _CHANGES.undo()

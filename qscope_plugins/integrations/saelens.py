@@ -1,4 +1,4 @@
-"""SAELens: the Qwen-Scope architecture, a safe and lean loader, and the 14 releases.
+"""SAELens: the Qwen-Scope architecture, and a safe and lean loader for the 14 releases.
 
 After :func:`register`, ``SAE.from_pretrained("qwen-scope-3-1.7b-base-w32k-l50", "layer0")``
 goes through :func:`qscope_plugins.load_sae` (``weights_only`` memory-mapped reading, about one
@@ -8,14 +8,13 @@ copy of the file in memory, correct Qwen3.5 module path) and returns a ``QwenSco
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
-import sys
-from dataclasses import replace
 from typing import Any
 
 import torch
+from sae_lens import HookedSAETransformer
 from sae_lens.loading import pretrained_sae_loaders as loaders
-from sae_lens.loading.pretrained_saes_directory import PretrainedSAELookup, get_pretrained_saes_directory
 from sae_lens.registry import (
     SAE_CLASS_REGISTRY,
     SAE_TRAINING_CLASS_REGISTRY,
@@ -23,11 +22,15 @@ from sae_lens.registry import (
     register_sae_training_class,
 )
 
-from ..catalog import GROUPS, find_group
+from ..catalog import find_group
 from ..sae.loading import load_sae
 from ..sae.topk import ARCHITECTURE, QwenScopeSAE, QwenScopeSAEConfig
+from ._patch import Changes
+from .transformer_lens import warn_if_residual_changed
 
 CONVERTER = "qscope"
+SAELENS_CONVERTER = "qwen_scope"  # SAELens's own name for the Qwen-Scope releases' loader
+_CHANGES = Changes()
 
 
 def _layer_of(folder_name: str) -> int:
@@ -131,75 +134,55 @@ def use_hf_model(sae: QwenScopeSAE, model: Any) -> QwenScopeSAE:
     return sae
 
 
-def _add_releases(directory: dict[str, PretrainedSAELookup]) -> list[str]:
-    done = []
-    for group in GROUPS:
-        entry = directory.get(group.release)
-        if entry is not None and entry.conversion_func == CONVERTER:
-            continue
-        layers = {f"layer{n}": group.filename(n) for n in range(group.n_layers)}
-        if entry is None:
-            # sae_lens.evals (all_loadable_saes) reads both maps for every SAE; SAELens's own
-            # entries for these releases carry the same placeholders (1.0, k): nothing is published.
-            entry = PretrainedSAELookup(
-                release=group.release, repo_id=group.repo_id, model=group.model, conversion_func=CONVERTER,
-                saes_map=layers, expected_var_explained=dict.fromkeys(layers, 1.0),
-                expected_l0=dict.fromkeys(layers, group.k), neuronpedia_id={}, norm_scaling_factor={},
-                config_overrides=None,
-            )
-        directory[group.release] = replace(entry, conversion_func=CONVERTER)
-        done.append(f"release {group.release}")
-    return done
+def _add_sae_checked(original: Any) -> Any:
+    @functools.wraps(original)
+    def add_sae(self, sae, *args: Any, **kwargs: Any):
+        warn_if_residual_changed(self, sae)
+        return original(self, sae, *args, **kwargs)
 
-
-def _directory_with_releases() -> dict[str, PretrainedSAELookup]:
-    directory = get_pretrained_saes_directory()  # SAELens's own, cached: parsed once
-    _add_releases(directory)
-    return directory
-
-
-def _defer_releases() -> bool:
-    """Add the releases when SAELens first reads its directory, not now; True if newly arranged.
-
-    SAELens parses its 1.5 MB ``pretrained_saes.yaml`` on first use (seconds); registering the
-    releases eagerly would charge that to every ``import sae_lens``. Its modules call
-    ``get_pretrained_saes_directory`` by name, so each name bound to it points at a wrapper that
-    adds the releases to SAELens's cached dict (the one every caller shares).
-    """
-    _directory_with_releases.cache_info = get_pretrained_saes_directory.cache_info
-    _directory_with_releases.cache_clear = get_pretrained_saes_directory.cache_clear
-    changed = False
-    for name, module in list(sys.modules.items()):
-        if name.split(".")[0] == "sae_lens" and vars(module).get("get_pretrained_saes_directory") is (
-            get_pretrained_saes_directory
-        ):
-            module.get_pretrained_saes_directory = _directory_with_releases
-            changed = True
-    return changed
+    return add_sae
 
 
 def register() -> list[str]:
-    """Register the SAE class and its training class, the ``qscope`` converter and all 14 releases; idempotent.
+    """Register the SAE class and its training class and the ``qscope`` converter; idempotent.
 
-    The releases join SAELens's directory when SAELens first reads it, or now if it already has
-    (then each ``"release <name>"`` added is listed).
+    All through SAELens's registries: ``register_sae_class`` / ``register_sae_training_class``,
+    and its loader tables ``NAMED_PRETRAINED_SAE_LOADERS`` / ``NAMED_PRETRAINED_SAE_CONFIG_GETTERS``,
+    where ``qscope`` is added and ``qwen_scope`` (the converter SAELens's directory names for all
+    14 Qwen-Scope releases) is pointed at the same loader, so ``SAE.from_pretrained(release, ...)``
+    loads through :func:`load_sae` and SAELens's directory is neither read nor changed.
+    One name is replaced, as SAELens has no hook for it: ``HookedSAETransformer.add_sae`` warns
+    first when the model's processing changed the residual stream the SAE reads.
     """
-    done: list[str] = []
-    if ARCHITECTURE not in SAE_CLASS_REGISTRY:
-        register_sae_class(ARCHITECTURE, QwenScopeSAE, QwenScopeSAEConfig)
-        done.append(f"sae class {ARCHITECTURE}")
-    if ARCHITECTURE not in SAE_TRAINING_CLASS_REGISTRY:
-        from ..sae.training import QwenScopeTrainingSAE, QwenScopeTrainingSAEConfig
+    if _CHANGES:
+        return []
+    from ..sae.training import QwenScopeTrainingSAE, QwenScopeTrainingSAEConfig
 
-        register_sae_training_class(ARCHITECTURE, QwenScopeTrainingSAE, QwenScopeTrainingSAEConfig)
-        done.append(f"training sae class {ARCHITECTURE}")
-    if loaders.NAMED_PRETRAINED_SAE_LOADERS.get(CONVERTER) is not qscope_loader:
-        loaders.NAMED_PRETRAINED_SAE_LOADERS[CONVERTER] = qscope_loader
-        loaders.NAMED_PRETRAINED_SAE_CONFIG_GETTERS[CONVERTER] = qscope_config
-        done.append(f"converter {CONVERTER}")
-    cache_info = getattr(get_pretrained_saes_directory, "cache_info", None)
-    if cache_info is None or cache_info().currsize:
-        done += _add_releases(get_pretrained_saes_directory())
-    elif _defer_releases():
-        done.append(f"{len(GROUPS)} releases, added when SAELens first reads its directory")
+    done: list[str] = []
+    for registry, add, classes, what in (
+        (SAE_CLASS_REGISTRY, register_sae_class, (QwenScopeSAE, QwenScopeSAEConfig), "sae class"),
+        (SAE_TRAINING_CLASS_REGISTRY, register_sae_training_class,
+         (QwenScopeTrainingSAE, QwenScopeTrainingSAEConfig), "training sae class"),
+    ):
+        if registry.get(ARCHITECTURE) == classes:
+            continue  # registered by an earlier import of this module (a reload)
+        add(ARCHITECTURE, *classes)  # raises if another package took the name: registration fails, warned
+        _CHANGES.record(f"{what} {ARCHITECTURE}", functools.partial(registry.pop, ARCHITECTURE, None))
+        done.append(f"{what} {ARCHITECTURE}")
+    for name in (CONVERTER, SAELENS_CONVERTER):
+        label = f"converter {name}" + (" (the Qwen-Scope releases in SAELens's directory)" if name != CONVERTER else "")
+        _CHANGES.register(loaders.NAMED_PRETRAINED_SAE_LOADERS, name, qscope_loader, label)
+        _CHANGES.register(loaders.NAMED_PRETRAINED_SAE_CONFIG_GETTERS, name, qscope_config, f"config getter {name}")
+        done.append(label)
+    _CHANGES.patch(HookedSAETransformer, "add_sae", _add_sae_checked(HookedSAETransformer.add_sae))
     return done
+
+
+def patched() -> list[str]:
+    """The SAELens names replaced now."""
+    return _CHANGES.labels("patched")
+
+
+def unregister() -> list[str]:
+    """Remove the classes and converters, restore SAELens's ``qwen_scope`` loader and ``add_sae``."""
+    return _CHANGES.undo()

@@ -16,8 +16,11 @@ that is not one of ours:
   supply their own blocks (mixed dense/MoE stacks, linear attention).
 - ``HookedTransformer.load_and_process_state_dict`` (also reached by ``process_weights_``)
   skips ``fold_ln`` with a warning where the architecture cannot fold and records which
-  processing was applied; ``HookedSAETransformer.add_sae`` warns when that processing changed
-  the residual stream an SAE reads but the SAE says it expects the unprocessed one.
+  processing was applied; :func:`warn_if_residual_changed` (called by SAELens's
+  ``HookedSAETransformer.add_sae``, patched by the SAELens integration) warns when that
+  processing changed the residual stream an SAE reads but the SAE expects the unprocessed one.
+
+:func:`unregister` puts every original back.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ import dataclasses
 import functools
 import importlib
 import inspect
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,7 @@ from transformers import PretrainedConfig
 
 from ..models import architecture_of, available_architectures, module_for
 from ..models._hf import find_hf_config, is_local_model, load_causal_lm
+from ._patch import Changes
 
 # Processing steps that change the values on the residual stream, and when TransformerLens
 # actually applies them (its ProcessWeights.process_weights rule: only for LayerNorm models).
@@ -50,7 +53,8 @@ RESIDUAL_STEPS = {
 _TL_DEFAULTS = {"center_writing_weights": True}
 
 _HT_MODULE = importlib.import_module("transformer_lens.HookedTransformer")
-_ORIGINAL: dict[str, Any] = {}
+_ORIGINAL: dict[str, Any] = {}  # what the patched names were, to call through to
+_CHANGES = Changes()
 _ACTIVE: contextvars.ContextVar[_Source | None] = contextvars.ContextVar("qscope_tl_source", default=None)
 
 
@@ -199,7 +203,11 @@ def residual_stream_changes(model) -> list[str]:
     return list(getattr(model, "_qscope_residual_changes", []))
 
 
-def _warn_if_residual_changed(model, sae) -> None:
+def warn_if_residual_changed(model, sae) -> None:
+    """Warn when processing changed the residual stream ``sae`` reads but its config expects it unprocessed.
+
+    Called by SAELens's ``HookedSAETransformer.add_sae`` once the SAELens integration registered.
+    """
     hook = sae.cfg.metadata.hook_name or ""
     if "hook_resid" not in hook:
         return
@@ -214,38 +222,30 @@ def _warn_if_residual_changed(model, sae) -> None:
         )
 
 
-def _patch_add_sae() -> None:
-    # Only once SAELens is imported and registered (registration runs again then): importing it
-    # here would make `import transformer_lens` pay for SAELens, and a SAELens outside its tested
-    # window is not patched at all.
-    from .._register import registered
-
-    HookedSAETransformer = getattr(sys.modules.get("sae_lens"), "HookedSAETransformer", None)
-    if HookedSAETransformer is None or not registered("saelens"):
-        return
-    original = HookedSAETransformer.add_sae
-    _ORIGINAL["add_sae"] = original
-
-    @functools.wraps(original)
-    def add_sae(self, sae, *args: Any, **kwargs: Any):
-        _warn_if_residual_changed(self, sae)
-        return original(self, sae, *args, **kwargs)
-
-    HookedSAETransformer.add_sae = add_sae
-
-
 def register() -> list[str]:
-    """Patch TransformerLens once; return ``"HookedTransformer:<arch>"`` for each usable architecture."""
-    if not _ORIGINAL:
+    """Patch TransformerLens once; return ``"HookedTransformer:<arch>"`` for each usable architecture.
+
+    ``HookedTransformer`` has no registry for architectures, so these names are replaced (see the
+    module docstring); :func:`unregister` puts the originals back.
+    """
+    if not _CHANGES:
         for name in ("get_official_model_name", "get_pretrained_model_config", "get_pretrained_state_dict"):
-            _ORIGINAL[name] = getattr(loading, name)
-            setattr(loading, name, globals()[f"_{name}"])
-        _ORIGINAL["from_pretrained"] = HookedTransformer.from_pretrained.__func__
-        HookedTransformer.from_pretrained = classmethod(functools.wraps(_ORIGINAL["from_pretrained"])(_from_pretrained))
-        _ORIGINAL["TransformerBlock"] = _HT_MODULE.TransformerBlock
-        _HT_MODULE.TransformerBlock = _make_block
-        _ORIGINAL["load_and_process_state_dict"] = HookedTransformer.load_and_process_state_dict
-        HookedTransformer.load_and_process_state_dict = _load_and_process_state_dict
-    if "add_sae" not in _ORIGINAL:
-        _patch_add_sae()
+            _ORIGINAL[name] = _CHANGES.patch(loading, name, globals()[f"_{name}"])
+        original = vars(HookedTransformer)["from_pretrained"].__func__
+        _ORIGINAL["from_pretrained"] = original
+        _CHANGES.patch(HookedTransformer, "from_pretrained", classmethod(functools.wraps(original)(_from_pretrained)))
+        _ORIGINAL["TransformerBlock"] = _CHANGES.patch(_HT_MODULE, "TransformerBlock", _make_block)
+        _ORIGINAL["load_and_process_state_dict"] = _CHANGES.patch(
+            HookedTransformer, "load_and_process_state_dict", _load_and_process_state_dict)
     return [f"HookedTransformer:{arch}" for arch in available_architectures()]
+
+
+def patched() -> list[str]:
+    """The TransformerLens names replaced now."""
+    return _CHANGES.labels("patched")
+
+
+def unregister() -> list[str]:
+    """Put every original TransformerLens name back; return the names restored."""
+    _ORIGINAL.clear()
+    return _CHANGES.undo()
