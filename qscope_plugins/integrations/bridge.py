@@ -33,6 +33,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from ..models import architecture_of
 from ..models._hf import TEXT_ARCHITECTURE, find_hf_config
+from ..remote import decoder_stack, unembedding
 from . import _compat
 from ._patch import Changes
 
@@ -47,8 +48,8 @@ def text_only_model(hf_model: PreTrainedModel) -> PreTrainedModel:
     """
     with torch.device("meta"):
         text = AutoModelForCausalLM.from_config(hf_model.config.get_text_config())
-    text.model = hf_model.model.language_model
-    text.lm_head = hf_model.lm_head
+    text.model = decoder_stack(hf_model)
+    text.lm_head = unembedding(hf_model)
     text.generation_config = hf_model.generation_config
     text.name_or_path = hf_model.name_or_path
     return text.train(hf_model.training)
