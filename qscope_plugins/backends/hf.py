@@ -8,6 +8,7 @@ left-padded batch; the hooks edit each layer's output on the prefill call and on
 from __future__ import annotations
 
 import contextlib
+from functools import cached_property
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -32,6 +33,27 @@ def find_layers(model: nn.Module) -> nn.ModuleList:
     return walk(model, where.path)
 
 
+def unembedding(model: nn.Module) -> Callable[[Tensor], Tensor]:
+    """Residual -> logits of an HF causal LM: the ``norm`` beside its decoder layers, then its
+    output embeddings (the modules its own forward ends with)."""
+    layers = find_layers(model)
+    owner = next((m for m in model.modules() if getattr(m, "layers", None) is layers), None)
+    norm = getattr(owner, "norm", None)
+    if norm is None:
+        raise ValueError(f"cannot find the final norm of {type(model).__name__} (expected `.norm` next to `.layers`)")
+    head = model.get_output_embeddings()
+    return lambda h: head(norm(h))
+
+
+def watch_module(module: nn.Module, fn: Callable[[Tensor], None]) -> Callable[[], None]:
+    """Call ``fn`` on ``module``'s output (a tensor, or the first of a tuple) in every forward; returns the remover."""
+
+    def hook(module, args, output) -> None:
+        fn(output[0] if isinstance(output, tuple) else output)
+
+    return module.register_forward_hook(hook).remove
+
+
 def _edit_output(edit: Callable[[Tensor], Tensor]):
     """A forward hook applying ``edit`` to a layer output that is a tensor or a tuple led by one."""
 
@@ -49,18 +71,24 @@ class HFBackend(Backend):
     name = "hf"
 
     def __init__(self, model: nn.Module, tokenizer=None) -> None:
-        if tokenizer is None:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(model.config.name_or_path)
         self.model = model.eval()
-        self.tokenizer = tokenizer
+        self._tokenizer = tokenizer
         self.layers = find_layers(model)
         config = _text_config(model.config)
         self.n_layers = len(self.layers)
         self.d_model = int(config.hidden_size)
         self.device = next(model.parameters()).device
         self.model_name = model.config.name_or_path or None
+
+    @property
+    def tokenizer(self):
+        """The tokenizer given, else the model's own (``AutoTokenizer`` on its path), loaded when first used:
+        :meth:`watch` and :meth:`logits` need none."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model.config.name_or_path)
+        return self._tokenizer
 
     @classmethod
     def wraps(cls, obj: object) -> bool:
@@ -114,6 +142,16 @@ class HFBackend(Backend):
                 **hf_sampling_kwargs(sampling),
             )
         return out[:, batch.input_ids.shape[1] :]
+
+    @cached_property
+    def _head(self) -> Callable[[Tensor], Tensor]:
+        return unembedding(self.model)
+
+    def _unembed(self, hidden: Tensor) -> Tensor:
+        return self._head(hidden)
+
+    def _watch(self, layer: int, fn: Callable[[Tensor], None]) -> Callable[[], None]:
+        return watch_module(self.layers[layer], fn)
 
 
 def hf_sampling_kwargs(sampling: Sampling) -> dict:

@@ -265,8 +265,6 @@ def build_index(
     ``extra`` is provenance stored in ``meta.json`` (e.g. the data source, Neuronpedia ids). An
     existing index in ``out`` built from another configuration is an error, never overwritten.
     """
-    from .sae_eval import output_head
-
     widths = sae_widths(backend, saes)
     if len(set(widths.values())) != 1:
         raise ValueError(f"every layer's SAE must have the same width, got {widths}")
@@ -298,8 +296,8 @@ def build_index(
         else:
             for leftover in directory.iterdir() if directory.is_dir() else ():  # a run killed before its first meta.json
                 remove_tree(leftover) if leftover.is_dir() else leftover.unlink()
-            head = output_head(backend)  # computed before anything is written: a failure leaves no output
-            effects = {f"l{n}_{key}": value for n in layers for key, value in feature_effects(saes[n], head).items()}
+            # computed before anything is written: a failure leaves no output
+            effects = {f"l{n}_{key}": value for n in layers for key, value in feature_effects(saes[n], backend.logits).items()}
             vocab = json.dumps(vocab_hex(backend.tokenizer))
             (directory / "partial").mkdir(parents=True, exist_ok=True)
             completed, files = 0, {}
