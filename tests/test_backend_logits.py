@@ -5,25 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_backends import KINDS, LAYER, PROMPTS, make_backend, reference_residual
+from test_backends import (  # noqa: F401 (model, tok and backend are shared fixtures)
+    LAYER, PROMPTS, backend, make_backend, model, reference_residual, tok,
+)
 
 from qscope_plugins.backends import Intervention
-from qscope_plugins.testing.tiny_models import tiny_model, tiny_tokenizer
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model("Qwen3ForCausalLM", seed=3)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module", params=KINDS)
-def backend(request, model, tok):
-    return make_backend(request.param, model, tok)
 
 
 def hf_logits(model, ids, layer=None, edit=None):
