@@ -34,7 +34,9 @@ class SAEGroup:
         """Module path of the decoder layers in the published checkpoint layout.
 
         Qwen3.5 checkpoints declare ``Qwen3_5(Moe)ForConditionalGeneration``, whose text
-        layers live under ``model.language_model``; Qwen3 checkpoints are text-only.
+        layers live under ``model.language_model``; Qwen3 checkpoints are text-only. Both are
+        paths of the one layout resolver's table (``qscope_plugins.remote.LAYER_PATHS``), stated
+        here as strings so the catalog stays torch-free.
         """
         return "model.language_model.layers" if self.family == "qwen3.5" else "model.layers"
 

@@ -50,7 +50,7 @@ def steering(
     positions: Sequence[int] | Tensor | None = None,
     generated: bool = True,
 ) -> Steering:
-    """A :class:`~qscope_plugins.remote.Steering` for ``model``'s layer ``layer``.
+    """A :class:`~qscope_plugins.remote.Steering` (an ``Intervention``) for ``model``'s layer ``layer``.
 
     Give either ``vector`` (``(d_model,)``) or ``sae`` with ``features``: a ``{feature: coefficient}``
     mapping, or feature ids (coefficient 1 each). ``sae`` may be a full ``QwenScopeSAE`` or a
@@ -72,9 +72,7 @@ def steering(
         vector = weights @ directions
     vector = vector.detach().reshape(-1).clone()  # a view would pickle its whole storage
     where.check_vector(vector, "the steering vector")
-    if positions is not None and not isinstance(positions, Tensor):
-        positions = tuple(int(p) for p in positions)
-    return Steering(layer, vector, positions, generated)
+    return Steering(layer, vector, positions=positions, generated=generated)
 
 
 def encoder_rows(model: Any, layer: int, sae: Any, features: Sequence[int] | None = None) -> EncoderRows:

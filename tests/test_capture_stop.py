@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qscope_plugins.backends import Intervention
-from qscope_plugins.backends.base import StopForward, layer_functions
+from qscope_plugins.backends.editing import StopForward, layer_functions
 from qscope_plugins.backends.hf import HFBackend
 from qscope_plugins.testing.tiny_models import hf_layer_outputs, tiny_model, tiny_tokenizer
 

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import importlib
 
-from .base import Backend, Batch, Editor, Generation, Intervention, Prompts, ResidualBatch, Sampling
+from ..remote import Intervention, LayerRangeError
+from .base import Backend
+from .editing import Editor
+from .types import Batch, Generation, Prompts, ResidualBatch, Sampling
 
 # kind -> (module in this package, class name). Each class has ``from_pretrained(model, **kw)``
 # (hub id or local dir) and ``wraps(obj) -> bool`` (is ``obj`` a model this backend drives).
@@ -61,6 +64,7 @@ __all__ = [
     "Editor",
     "Generation",
     "Intervention",
+    "LayerRangeError",
     "Prompts",
     "ResidualBatch",
     "Sampling",

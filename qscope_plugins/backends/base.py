@@ -20,247 +20,24 @@ Conventions every implementation keeps:
   negative positions count back from its last real token (``-1`` = last prompt token).
 * An intervention edits layer n's output *before* anything downstream (including a capture of
   the same layer) sees it.
+
+The pieces around this class: the value types (:mod:`.types`), the intervention type and its one
+apply function (:mod:`qscope_plugins.remote`, shared with remote nnsight traces) and the local
+hook plumbing (:mod:`.editing`), and the SAE fit checks (:mod:`.sae_compat`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-Prompts = Sequence[str] | Sequence[Sequence[int]]
-"""Texts, or already tokenised prompts (lists of token ids)."""
-
-
-@dataclass(frozen=True)
-class Intervention:
-    """An edit of decoder layer ``layer``'s residual output, at prompt positions and generated tokens.
-
-    Exactly one of ``vector`` and ``fn`` is set:
-
-    * ``vector`` (``(d_model,)``): additive, ``h <- h + vector``. Plain tensor arithmetic, so every
-      backend supports it, remote nnsight included (``h + mask[..., None] * vector``).
-    * ``fn``: any map ``(..., d_model) -> (..., d_model)`` applied to the hidden states, e.g. an
-      SAE clamp. Needs the model in this process, so only local backends accept it
-      (:attr:`Backend.supports_functions`).
-
-    ``positions=None`` edits every real prompt token, ``()`` none of them; ``generated`` says
-    whether every generated token is edited too (the Qwen-Scope demo's default).
-    """
-
-    layer: int
-    vector: Tensor | None = None
-    fn: Callable[[Tensor], Tensor] | None = None
-    positions: tuple[int, ...] | None = None
-    generated: bool = True
-
-    def __post_init__(self) -> None:
-        if (self.vector is None) == (self.fn is None):
-            raise ValueError("an Intervention needs exactly one of `vector` and `fn`")
-        if self.vector is not None and self.vector.ndim != 1:
-            raise ValueError(f"intervention vector must be 1-D (d_model,), got shape {tuple(self.vector.shape)}")
-        if self.positions is not None:
-            object.__setattr__(self, "positions", tuple(int(p) for p in self.positions))
-
-    @property
-    def remote_safe(self) -> bool:
-        """True when the edit is plain tensor arithmetic (no Python callable to ship)."""
-        return self.fn is None
-
-    def to(self, device: torch.device | str, dtype: torch.dtype) -> Intervention:
-        """The same intervention with its vector on ``device`` / ``dtype`` (done once per call)."""
-        if self.vector is None:
-            return self
-        return Intervention(self.layer, self.vector.to(device, dtype), None, self.positions, self.generated)
-
-    def prompt_mask(self, attention_mask: Tensor) -> Tensor | None:
-        """``(B, T)`` bool: which prompt positions to edit (pads never); ``None`` means "all of them".
-
-        Works for left and right padding, since positions are counted from each row's real tokens.
-        """
-        real = attention_mask.bool()
-        if self.positions is None:
-            return None if bool(real.all()) else real
-        index = real.long().cumsum(-1) - 1  # position among the row's real tokens
-        length = real.sum(-1, keepdim=True)
-        wanted = torch.zeros_like(real)
-        for p in self.positions:
-            wanted |= index == (p if p >= 0 else length + p)
-        return wanted & real
-
-    def apply(self, hidden: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Edit ``hidden`` ``(B, T, D)`` where ``mask`` ``(B, T)`` is true (everywhere if ``None``)."""
-        if self.vector is not None:
-            if mask is None:
-                return hidden + self.vector
-            return hidden + mask.unsqueeze(-1).to(hidden.dtype) * self.vector
-        edited = self.fn(hidden)
-        if mask is None:
-            return edited
-        return torch.where(mask.unsqueeze(-1), edited, hidden)
-
-
-class Editor:
-    """Applies interventions to one layer's output across a prefill call and the decode steps.
-
-    Backends create one per ``(batch, layer)``: the first call is the prompt (prefill) and every
-    later call is one generated token, which is how KV-cached generation calls a layer.
-    """
-
-    def __init__(self, interventions: Sequence[Intervention], attention_mask: Tensor | None) -> None:
-        self.interventions = list(interventions)
-        self.masks = [
-            iv.prompt_mask(attention_mask) if attention_mask is not None else None for iv in self.interventions
-        ]
-        self.calls = 0
-
-    def __call__(self, hidden: Tensor) -> Tensor:
-        prefill = self.calls == 0
-        self.calls += 1
-        for iv, mask in zip(self.interventions, self.masks):
-            if prefill:
-                if iv.positions != ():
-                    hidden = iv.apply(hidden, mask)
-            elif iv.generated:
-                hidden = iv.apply(hidden)
-        return hidden
-
-
-def editors_by_layer(
-    interventions: Sequence[Intervention], attention_mask: Tensor, device: torch.device, dtype: torch.dtype
-) -> dict[int, Editor]:
-    """One :class:`Editor` per edited layer, its vectors moved to the model's device and dtype once."""
-    grouped: dict[int, list[Intervention]] = {}
-    for iv in interventions:
-        grouped.setdefault(iv.layer, []).append(iv.to(device, dtype))
-    return {n: Editor(ivs, attention_mask) for n, ivs in grouped.items()}
-
-
-class StopForward(Exception):  # noqa: N818 (a control-flow signal, not an error)
-    """Raised by a capture hook once the deepest captured layer has run: the rest of the forward
-    pass cannot change what was captured, so a backend that catches it skips those layers."""
-
-
-def layer_functions(
-    editors: dict[int, Editor], capture: Sequence[int], captured: dict[int, Tensor], *, stop: bool = False
-) -> dict[int, Callable[[Tensor], Tensor]]:
-    """For every layer to hook: apply its editor (if any), then store the output in ``captured``
-    (if asked), so a capture sees the edited residual. Backends wrap these in their own hooks.
-
-    ``stop=True``: the hook of the deepest captured layer raises :class:`StopForward` after
-    storing its output (edits of deeper layers are then never needed, so they are not hooked).
-    """
-    last = max(capture) if stop and capture else None
-
-    def make(n: int) -> Callable[[Tensor], Tensor]:
-        def fn(hidden: Tensor) -> Tensor:
-            if n in editors:
-                hidden = editors[n](hidden)
-            if n in capture:
-                captured[n] = hidden
-            if n == last:
-                raise StopForward
-            return hidden
-
-        return fn
-
-    return {n: make(n) for n in {*capture, *editors} if last is None or n <= last}
-
-
-@dataclass(frozen=True)
-class Batch:
-    """Token ids of one padded batch and its attention mask (1 = real token)."""
-
-    input_ids: Tensor
-    attention_mask: Tensor
-    start: int = 0
-    """Index of this batch's first row among all inputs of the call."""
-
-    @property
-    def lengths(self) -> Tensor:
-        return self.attention_mask.sum(-1)
-
-    @property
-    def last_index(self) -> Tensor:
-        """``(B,)`` column of each row's last real token, for left or right padding."""
-        cols = torch.arange(self.attention_mask.shape[-1], device=self.attention_mask.device)
-        return torch.where(self.attention_mask.bool(), cols, -1).max(-1).values
-
-
-@dataclass
-class ResidualBatch:
-    """Residuals of one batch: ``hidden[layer]`` is ``(B, T, D)``, or ``(B, D)`` when ``last_token``."""
-
-    batch: Batch
-    hidden: dict[int, Tensor]
-    last_token: bool = False
-
-    @property
-    def mask(self) -> Tensor:
-        """``(B, T)`` bool, true at real tokens (right padding: pads are at the end)."""
-        return self.batch.attention_mask.bool()
-
-    def token_mask(self, skip_first: bool = False) -> Tensor:
-        """The real-token mask, optionally without each row's first token (its norm is extreme)."""
-        mask = self.mask
-        if skip_first:
-            mask = mask.clone()
-            mask[:, 0] = False
-        return mask
-
-    def tokens(self, layer: int, skip_first: bool = False) -> Tensor:
-        """``(N_real, D)`` residuals of the real tokens only: the input of every token statistic."""
-        if self.last_token:
-            return self.hidden[layer]
-        return self.hidden[layer][self.token_mask(skip_first)]
-
-
-@dataclass
-class Generation:
-    """One prompt's generation: ids of the prompt and of the new tokens only (EOS kept, pads dropped)."""
-
-    prompt_ids: list[int]
-    token_ids: list[int]
-    text: str
-
-    def to_dict(self) -> dict:
-        return {"prompt_ids": self.prompt_ids, "token_ids": self.token_ids, "text": self.text}
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """Decoding settings; the default is greedy, which every backend reproduces exactly."""
-
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int | None = None
-
-
-def sae_backbone(sae) -> str | None:
-    """The backbone id an SAE (``QwenScopeSAE`` or ``FeatureSubset``) was trained on, when recorded."""
-    from ..catalog import find_group
-
-    cfg = getattr(sae, "cfg", None)
-    name = getattr(getattr(cfg, "metadata", None), "model_name", None)
-    if name:
-        return name
-    group = find_group((getattr(sae, "metadata", None) or {}).get("qwen_scope_group") or "")
-    return group.model if group else None
-
-
-def _backbone_key(name: str) -> str:
-    """``"Qwen/Qwen3-1.7B-Base"``, ``"/models/qwen3-1.7b"`` -> ``"qwen3-1.7b"``: hub id or path, base or not."""
-    key = name.rstrip("/").rsplit("/", 1)[-1].lower()
-    for suffix in ("-base", "-instruct"):
-        key = key.removesuffix(suffix)
-    return key
+from ..remote import Intervention, check_layer
+from .sae_compat import check_sae
+from .types import Batch, Generation, Prompts, ResidualBatch, Sampling
 
 
 class Backend(ABC):
@@ -324,10 +101,8 @@ class Backend(ABC):
         return {int(e) for e in eos} if isinstance(eos, (list, tuple)) else {int(eos)}
 
     def check_layer(self, layer: int) -> int:
-        """``layer`` if it names a decoder layer of this model, else a ``ValueError`` saying the range."""
-        if not 0 <= int(layer) < self.n_layers:
-            raise ValueError(f"layer {layer} is out of range: this model has layers 0..{self.n_layers - 1}")
-        return int(layer)
+        """``layer`` if it names a decoder layer of this model, else a ``LayerRangeError`` saying the range."""
+        return check_layer(layer, self.n_layers)
 
     def check_sae(self, sae, layer: int | None = None) -> int:
         """Check that ``sae`` (a ``QwenScopeSAE`` or ``FeatureSubset``) fits this model at ``layer``.
@@ -337,24 +112,7 @@ class Backend(ABC):
         since its features then mean little here (a base-model SAE on the same model's
         post-trained checkpoint is fine, as the Qwen-Scope cards say).
         """
-        own_layer = getattr(sae, "layer", None)
-        if layer is None:
-            if own_layer is None:
-                raise ValueError("this SAE does not record its layer; pass layer=")
-            layer = own_layer
-        layer = self.check_layer(layer)
-        d_in = sae.cfg.d_in if hasattr(sae, "cfg") else sae.d_model
-        if d_in != self.d_model:
-            raise ValueError(f"SAE d_model {d_in} does not match the model's d_model {self.d_model}")
-        if own_layer is not None and own_layer != layer:
-            warnings.warn(f"SAE was trained on layer {own_layer} but is used at layer {layer}", stacklevel=2)
-        trained_on = sae_backbone(sae)
-        if trained_on and self.model_name and _backbone_key(trained_on) != _backbone_key(self.model_name):
-            warnings.warn(
-                f"SAE was trained on {trained_on} but the model is {self.model_name}; its features may not transfer",
-                stacklevel=2,
-            )
-        return layer
+        return check_sae(sae, layer, self.check_layer, self.d_model, self.model_name)
 
     def encode(self, prompts: Prompts) -> list[list[int]]:
         """Token ids per prompt (the tokenizer's own special tokens; Qwen adds no BOS)."""
@@ -396,6 +154,11 @@ class Backend(ABC):
             if iv.vector is not None and iv.vector.shape[-1] != self.d_model:
                 raise ValueError(
                     f"intervention vector has size {iv.vector.shape[-1]} but the model's d_model is {self.d_model}"
+                )
+            if isinstance(iv.positions, Tensor):
+                raise ValueError(
+                    "a backend pads its own batches, so give intervention positions as a tuple of ints, "
+                    "not a (B, T) mask (masks are for hand-built nnsight traces)"
                 )
             if iv.fn is not None and not self.supports_functions:
                 raise ValueError(

@@ -14,34 +14,16 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..remote import walk, layout  # torch-only: no import cost
-from .base import Backend, Batch, Editor, Intervention, Sampling, StopForward, editors_by_layer, layer_functions
-
-# Where decoder layers live, most common first: Qwen3 / Qwen3.5 text models, the published
-# multimodal Qwen3.5 layout, older wrappers, GPT-2 style models.
-def _text_config(config):
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
+from ..remote import Intervention, decoder_layers, final_norm, layout, unembedding
+from .base import Backend
+from .editing import Editor, StopForward, editors_by_layer, layer_functions
+from .types import Batch, Sampling
 
 
-def find_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder-layer list of ``model``, resolved by :func:`qscope_plugins.remote.layout`.
-
-    One resolver serves every framework (HF hooks, nnsight traces local or remote), so a layout
-    is supported, and checked against ``num_hidden_layers`` / ``hidden_size``, in one place.
-    """
-    where = layout(model)
-    return walk(model, where.path)
-
-
-def unembedding(model: nn.Module) -> Callable[[Tensor], Tensor]:
-    """Residual -> logits of an HF causal LM: the ``norm`` beside its decoder layers, then its
-    output embeddings (the modules its own forward ends with)."""
-    layers = find_layers(model)
-    owner = next((m for m in model.modules() if getattr(m, "layers", None) is layers), None)
-    norm = getattr(owner, "norm", None)
-    if norm is None:
-        raise ValueError(f"cannot find the final norm of {type(model).__name__} (expected `.norm` next to `.layers`)")
-    head = model.get_output_embeddings()
+def logit_head(model: nn.Module) -> Callable[[Tensor], Tensor]:
+    """Residual -> logits of an HF causal LM: its final norm, then its unembedding (the modules its
+    own forward ends with), found by the layout resolver."""
+    norm, head = final_norm(model), unembedding(model)
     return lambda h: head(norm(h))
 
 
@@ -73,10 +55,9 @@ class HFBackend(Backend):
     def __init__(self, model: nn.Module, tokenizer=None) -> None:
         self.model = model.eval()
         self._tokenizer = tokenizer
-        self.layers = find_layers(model)
-        config = _text_config(model.config)
-        self.n_layers = len(self.layers)
-        self.d_model = int(config.hidden_size)
+        where = layout(model)  # the one resolver (also used by nnsight traces), checked against the config
+        self.layers = decoder_layers(model, where)
+        self.n_layers, self.d_model = where.n_layers, where.d_model
         self.device = next(model.parameters()).device
         self.model_name = model.config.name_or_path or None
 
@@ -145,7 +126,7 @@ class HFBackend(Backend):
 
     @cached_property
     def _head(self) -> Callable[[Tensor], Tensor]:
-        return unembedding(self.model)
+        return logit_head(self.model)
 
     def _unembed(self, hidden: Tensor) -> Tensor:
         return self._head(hidden)

@@ -2,15 +2,18 @@
 
 Each capture is one ``model.trace`` and each generation one ``model.generate``; the trace bodies
 call only :mod:`qscope_plugins.remote` on plain tensors, so the same code runs locally, with
-``remote="local"`` (nnsight's serialization dry run) and on NDIF. Interventions become
-:class:`~qscope_plugins.remote.Steering` specs with their prompt masks computed here, once.
-Remote runs take vector interventions only (``supports_functions`` is False there).
+``remote="local"`` (nnsight's serialization dry run) and on NDIF. Interventions are
+:class:`~qscope_plugins.remote.Intervention` itself, applied in the trace by the same
+:func:`~qscope_plugins.remote.edit` as the other backends' hooks, with the batch's attention mask
+for the prompt positions. Remote runs take vector interventions only (``supports_functions`` is
+False there).
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from functools import cached_property
 from typing import Any
 
@@ -20,17 +23,15 @@ from nnsight.modeling.transformers import TransformersModel
 from torch import Tensor
 
 from .. import remote as trace_fns
-from .base import Backend, Batch, Intervention, Sampling
-from .hf import find_layers, hf_sampling_kwargs, unembedding, watch_module
+from ..remote import Intervention
+from .base import Backend
+from .hf import hf_sampling_kwargs, logit_head, watch_module
+from .types import Batch, Sampling
 
 
-def _steerings(batch: Batch, interventions: Sequence[Intervention], device: torch.device) -> list[trace_fns.Steering]:
-    specs = []
-    for iv in interventions:
-        positions = () if iv.positions == () else iv.prompt_mask(batch.attention_mask)
-        vector = None if iv.vector is None else iv.vector.to(device)
-        specs.append(trace_fns.Steering(iv.layer, vector, positions, iv.generated, iv.fn))
-    return specs
+def _on(device: torch.device, interventions: Sequence[Intervention]) -> list[Intervention]:
+    # The vectors' dtype is left alone: the edit casts to the residual's dtype in the trace.
+    return [iv if iv.vector is None else replace(iv, vector=iv.vector.to(device)) for iv in interventions]
 
 
 class NNsightBackend(Backend):
@@ -75,14 +76,14 @@ class NNsightBackend(Backend):
         return cls(lm, remote=remote)
 
     def _capture(self, batch: Batch, layers: Sequence[int], interventions: Sequence[Intervention]) -> dict[int, Tensor]:
-        model, steerings = self.model, _steerings(batch, interventions, self.device)
+        model, edits, mask = self.model, _on(self.device, interventions), batch.attention_mask
         with model.trace({"input_ids": batch.input_ids}, use_cache=False, **self._trace_kwargs):
-            hidden = trace_fns.apply(model, steerings, read=layers)
+            hidden = trace_fns.apply(model, edits, read=layers, attention_mask=mask)
             nnsight.save(hidden)
         return hidden
 
     def _generate(self, batch: Batch, interventions: Sequence[Intervention], max_new_tokens: int, sampling: Sampling) -> Tensor:
-        model, steerings = self.model, _steerings(batch, interventions, self.device)
+        model, edits, mask = self.model, _on(self.device, interventions), batch.attention_mask
         inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
         options = dict(
             max_new_tokens=max_new_tokens, min_new_tokens=0, pad_token_id=self.pad_token_id,
@@ -93,7 +94,7 @@ class NNsightBackend(Backend):
             warnings.filterwarnings("ignore", message=".*was never reached.*")
             with model.generate(**options, **self._trace_kwargs) as tracer:
                 with tracer.invoke(inputs):
-                    trace_fns.generate_steered(model, tracer, steerings, max_new_tokens)
+                    trace_fns.generate_steered(model, tracer, edits, max_new_tokens, mask)
                 with tracer.invoke():
                     ids = tracer.result.save()
         return ids[:, batch.input_ids.shape[1] :]
@@ -108,10 +109,10 @@ class NNsightBackend(Backend):
 
     @cached_property
     def _head(self) -> Callable[[Tensor], Tensor]:
-        return unembedding(self._local("mapping residuals to logits"))
+        return logit_head(self._local("mapping residuals to logits"))
 
     def _unembed(self, hidden: Tensor) -> Tensor:
         return self._head(hidden)
 
     def _watch(self, layer: int, fn: Callable[[Tensor], None]) -> Callable[[], None]:
-        return watch_module(find_layers(self._local("hooking the model's forward", forwards=True))[layer], fn)
+        return watch_module(trace_fns.decoder_layers(self._local("hooking the model's forward", forwards=True))[layer], fn)

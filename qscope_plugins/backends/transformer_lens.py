@@ -20,8 +20,11 @@ from transformer_lens import HookedTransformer, TransformerLensKeyValueCache
 from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.utilities.logits_utils import sample_logits
 
-from .base import Backend, Batch, Editor, Intervention, Sampling, editors_by_layer, layer_functions
-from .hf import unembedding, watch_module
+from ..remote import Intervention
+from .base import Backend
+from .editing import Editor, editors_by_layer, layer_functions
+from .types import Batch, Sampling
+from .hf import logit_head, watch_module
 
 
 def hook_name(layer: int) -> str:
@@ -129,7 +132,7 @@ class TransformerLensBackend(Backend):
     def _head(self) -> Callable[[Tensor], Tensor]:
         if not self.bridge:
             return lambda h: self.model.unembed(self.model.ln_final(h))
-        return unembedding(self.model.original_model)  # the HF modules the bridge runs
+        return logit_head(self.model.original_model)  # the HF modules the bridge runs
 
     def _unembed(self, hidden: Tensor) -> Tensor:
         return self._head(hidden)

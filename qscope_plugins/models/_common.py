@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 from transformer_lens.config.hooked_transformer_config import HookedTransformerConfig
 
+from ..remote import decoder_stack, final_norm, layout, unembedding
+
 
 @dataclass
 class QwenHookedConfig(HookedTransformerConfig):
@@ -85,9 +87,9 @@ def base_config(hf_config, architecture: str, **fields: Any) -> QwenHookedConfig
 
 
 def text_model(hf_model: nn.Module) -> nn.Module:
-    """The decoder stack (``embed_tokens``, ``layers``, ``norm``) of a text or multimodal model."""
-    inner = hf_model.model
-    return getattr(inner, "language_model", inner)
+    """The decoder stack (``embed_tokens``, ``layers``, ``norm``) of a text or multimodal model,
+    found by the package's one layout resolver (:func:`qscope_plugins.remote.layout`)."""
+    return decoder_stack(hf_model)
 
 
 def _zeros(*shape: int, like: Tensor) -> Tensor:
@@ -96,11 +98,11 @@ def _zeros(*shape: int, like: Tensor) -> Tensor:
 
 def embed_unembed_weights(hf_model: nn.Module, cfg: HookedTransformerConfig) -> dict[str, Tensor]:
     """Token embedding, final norm and unembedding (``lm_head``, tied or not)."""
-    text = text_model(hf_model)
-    W_U = hf_model.lm_head.weight
+    where = layout(hf_model)
+    W_U = unembedding(hf_model).weight
     return {
-        "embed.W_E": text.embed_tokens.weight,
-        "ln_final.w": text.norm.weight,
+        "embed.W_E": decoder_stack(hf_model, where).embed_tokens.weight,
+        "ln_final.w": final_norm(hf_model, where).weight,
         "unembed.W_U": W_U.T,
         "unembed.b_U": _zeros(W_U.shape[0], like=W_U),
     }

@@ -44,6 +44,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from ..remote import decoder_layers, decoder_stack, unembedding
+
 ARCHITECTURES: tuple[str, ...] = (
     "Qwen3ForCausalLM",
     "Qwen3MoeForCausalLM",
@@ -223,14 +225,9 @@ def _multimodal_from_text(text_model: PreTrainedModel) -> PreTrainedModel:
     config.architectures = [mm_arch]
     mm_model = getattr(transformers, mm_arch)(config).to(torch.float32)
     perturb_(mm_model.model.visual, seed=1)
-    mm_model.model.language_model.load_state_dict(text_model.model.state_dict())
-    mm_model.lm_head.load_state_dict(text_model.lm_head.state_dict())
+    decoder_stack(mm_model).load_state_dict(decoder_stack(text_model).state_dict())  # model.language_model
+    unembedding(mm_model).load_state_dict(unembedding(text_model).state_dict())
     return mm_model.eval()
-
-
-def _decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
-    inner = model.model
-    return getattr(inner, "language_model", inner).layers
 
 
 @torch.no_grad()
@@ -240,7 +237,7 @@ def hf_layer_outputs(model: PreTrainedModel, ids: torch.Tensor) -> tuple[torch.T
     Hooks, not ``output_hidden_states``: HF's last hidden state is taken after the final norm.
     """
     outputs: list[torch.Tensor] = []
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     handles = [layer.register_forward_hook(lambda _m, _a, out: outputs.append(out)) for layer in layers]
     try:
         logits = model(ids).logits
@@ -264,7 +261,7 @@ def hf_generate_steered(
     The tiny configs declare no EOS id, so HF generates exactly ``max_new_tokens`` tokens,
     like ``HookedTransformer.generate(stop_at_eos=False)``.
     """
-    handle = _decoder_layers(model)[layer].register_forward_hook(lambda _m, _a, out: out + vector)
+    handle = decoder_layers(model)[layer].register_forward_hook(lambda _m, _a, out: out + vector)
     try:
         return model.generate(
             ids,
