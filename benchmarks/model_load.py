@@ -31,6 +31,8 @@ import warnings
 
 import torch
 
+from qscope_plugins.testing.tiny_models import ARCHITECTURES, arch_fields, save_checkpoint, tiny_model
+
 MID_SIZE = dict(  # ~0.2B parameters: minutes on 2 CPU cores, well inside one GPU
     hidden_size=1024,
     num_hidden_layers=8,
@@ -44,12 +46,7 @@ MID_SIZE = dict(  # ~0.2B parameters: minutes on 2 CPU cores, well inside one GP
 MOE = dict(num_experts=16, num_experts_per_tok=4, moe_intermediate_size=512)
 LINEAR = dict(linear_key_head_dim=64, linear_value_head_dim=64, linear_num_key_heads=8, linear_num_value_heads=16,
               layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"] * 2)
-SIZES = {
-    "Qwen3ForCausalLM": MID_SIZE,
-    "Qwen3MoeForCausalLM": {**MID_SIZE, **MOE, "norm_topk_prob": True},
-    "Qwen3_5ForCausalLM": {**MID_SIZE, **LINEAR},
-    "Qwen3_5MoeForCausalLM": {**MID_SIZE, **LINEAR, **MOE, "shared_expert_intermediate_size": 512},
-}
+SIZES = {arch: {**MID_SIZE, **arch_fields(arch, moe=MOE, linear=LINEAR, shared_expert=512)} for arch in ARCHITECTURES}
 
 
 def _rss_bytes(field: str) -> int:
@@ -161,8 +158,6 @@ def main() -> int:
         return 0
 
     from importlib.metadata import version
-
-    from qscope_plugins.testing.tiny_models import save_checkpoint, tiny_model
 
     print(f"device={args.device} ({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
           f"{', ' + torch.cuda.get_device_name() if args.device == 'cuda' else ''}); torch {torch.__version__}, "

@@ -1,7 +1,8 @@
 """Crash-safe, concurrency-safe file I/O shared by every resumable job (protocols: docs/storage.md).
 
 * :func:`atomic_write` / :func:`atomic_write_with`: a file appears whole or not at all (unique temporary
-  name in the same directory, ``fsync``, ``os.replace``, ``fsync`` of the directory).
+  name in the same directory, ``fsync``, ``os.replace``, ``fsync`` of the directory); :func:`write_json`
+  writes a JSON document that way, :func:`read_json` reads one back.
 * :func:`append_line`: one ``O_APPEND`` write of a whole record, then ``fsync``.
 * :func:`make_temp_dir` / :func:`replace_dir`: build a directory aside and swap it into place.
 * :func:`clean_leftovers`: remove what a killed run left (temporary files and directories); call it
@@ -30,7 +31,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 TMP_SUFFIX = ".qscope-tmp"
@@ -88,6 +89,22 @@ def read_json(path: str | os.PathLike, recovery: str) -> dict:
 
 
 # ---- atomic files --------------------------------------------------------------------------------
+def jsonl_values(path: str | os.PathLike, text: str | None = None, *,
+                 error: type[Exception] = ValueError) -> Iterator[tuple[int, object]]:
+    """``(line number, value)`` of each non-blank line of a JSONL file (``text``: its contents, if already read);
+    a line that is not JSON raises ``error`` naming the file and the line."""
+    if text is None:
+        text = Path(path).read_text(encoding="utf-8")
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise error(f"{path}:{number}: not valid JSON ({err.msg})") from None
+        yield number, value
+
+
 def _temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}")
 
@@ -192,6 +209,44 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, *, sweep: bool = Tr
             tmp.unlink()
         raise
     return path
+
+
+def write_json(path: str | os.PathLike, obj, *, indent: int = 1, sweep: bool = True, **dumps) -> Path:
+    """``obj`` as a JSON document (``json.dumps(obj, indent=indent, **dumps)`` and a newline), written atomically."""
+    return atomic_write(path, json.dumps(obj, indent=indent, **dumps) + "\n", sweep=sweep)
+
+
+def npz_bytes(arrays: Mapping) -> bytes:
+    """A deterministic ``.npz`` (``np.load`` reads it): sorted entries, fixed timestamps, deflate."""
+    import io
+    import zipfile
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name in sorted(arrays):
+            payload = io.BytesIO()
+            np.lib.format.write_array(payload, np.ascontiguousarray(arrays[name]), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            archive.writestr(info, payload.getvalue())
+    return buffer.getvalue()
+
+
+def load_npz(path: Path, recovery: str) -> dict:
+    """The arrays of an ``.npz`` (never unpickling); a missing or unreadable file is a :class:`DamagedFileError`."""
+    import zipfile
+
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {name: archive[name] for name in archive.files}
+    except FileNotFoundError:
+        raise DamagedFileError(path, "missing", recovery) from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise DamagedFileError(path, f"not a readable .npz: {err}", recovery) from None
 
 
 def append_line(path: str | os.PathLike, data: bytes) -> None:

@@ -1,4 +1,6 @@
-"""Shared fixtures: an offline hub cache, and one Qwen-Scope layer file at its real size."""
+"""Shared fixtures: no network, an offline hub cache, and one Qwen-Scope layer file at its real size."""
+
+import socket
 
 import pytest
 import torch
@@ -21,6 +23,16 @@ def use_offline_cache(monkeypatch, cache) -> None:
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any socket connection raises (use with ``pytest.mark.usefixtures("no_network")``)."""
+
+    def refuse(*args, **kwargs):
+        raise OSError("network access in a test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
 @pytest.fixture

@@ -7,55 +7,18 @@ import warnings
 import pytest
 import torch
 
-from qscope_plugins.backends import Intervention, as_backend, backend_class
+from qscope_plugins.backends import Intervention
 from qscope_plugins.backends.hf import HFBackend
 from qscope_plugins.sae import QwenScopeSAE
 from qscope_plugins.testing.sae_files import random_sae_state
-from qscope_plugins.testing.tiny_models import save_checkpoint, tiny_model, tiny_tokenizer
+from qscope_plugins.testing.tiny_models import save_checkpoint, tiny_model
+
+from _helpers import BACKEND_KINDS as KINDS
+from _helpers import make_backend, model, tok  # noqa: F401 (model and tok are fixtures)
 
 PROMPTS = ["Hello world, this is", "a", "The quick brown fox"]
 LAYER = 1
 NEW_TOKENS = 6
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model("Qwen3ForCausalLM", seed=3)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-def make_backend(kind: str, model, tok):
-    """A backend of ``kind`` over the same HF weights (skips when that backend is not available).
-
-    TransformerLens backends get their own tokenizer: booting a bridge sets ``bos_token`` on the
-    tokenizer it is given, in place (token ids are unchanged; Qwen prompts get no BOS either way).
-    """
-    if kind == "hf":
-        return HFBackend(model, tok)
-    if kind in ("bridge", "hooked"):
-        tok = tiny_tokenizer()
-    if kind == "bridge":
-        from transformer_lens.model_bridge import TransformerBridge
-
-        return as_backend(TransformerBridge.boot_transformers("tiny-qwen3", hf_model=model, tokenizer=tok))
-    if kind == "hooked":
-        integration = pytest.importorskip("qscope_plugins.integrations.transformer_lens")
-        from transformer_lens import HookedTransformer
-
-        integration.register()
-        hooked = HookedTransformer.from_pretrained_no_processing("tiny-qwen3", hf_model=model, tokenizer=tok)
-        return as_backend(hooked)
-    try:
-        return backend_class(kind)(model, tokenizer=tok)
-    except ValueError as err:
-        pytest.skip(str(err))
-
-
-KINDS = ["hf", "bridge", "hooked", "nnsight"]
 
 
 @pytest.fixture(scope="module", params=KINDS)

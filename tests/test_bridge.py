@@ -12,7 +12,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import contextlib
 import inspect
-import socket
 import sys
 import warnings
 from types import SimpleNamespace
@@ -35,7 +34,10 @@ from qscope_plugins.testing.tiny_models import (
     tiny_topk_sae,
 )
 
-ATOL = 1e-4
+from _helpers import ATOL, assert_matches_hf, assert_steered_generation_matches_hf
+from _helpers import HELLO_IDS as IDS
+
+pytestmark = pytest.mark.usefixtures("no_network")
 STEER_LAYER = 2
 MULTIMODAL = ("Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM")
 HUB_IDS = {  # a hub id of each family, never cached here: the hf_model= route must not fetch it
@@ -44,15 +46,6 @@ HUB_IDS = {  # a hub id of each family, never cached here: the hf_model= route m
     "Qwen3_5ForCausalLM": "Qwen/Qwen3.5-2B-Base",
     "Qwen3_5MoeForCausalLM": "Qwen/Qwen3.5-35B-A3B-Base",
 }
-IDS = torch.tensor([[17, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 33]])
-
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise OSError("network access in a test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
 @pytest.fixture
@@ -92,14 +85,6 @@ def booted(hf, arch: str) -> TransformerBridge:
     return _BOOTED[arch]
 
 
-def assert_matches_hf(bridge: TransformerBridge, hf_model) -> None:
-    ref_logits, ref_layers = hf_layer_outputs(hf_model, IDS)
-    logits, cache = bridge.run_with_cache(IDS)
-    for n, ref in enumerate(ref_layers):
-        torch.testing.assert_close(cache[f"blocks.{n}.hook_resid_post"], ref, atol=ATOL, rtol=0)
-    torch.testing.assert_close(logits, ref_logits, atol=ATOL, rtol=0)
-
-
 def test_register_is_idempotent():
     patched = TransformerBridge.boot_transformers
     first = bridge_integration.register()
@@ -110,7 +95,7 @@ def test_register_is_idempotent():
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_local_directory_matches_hf(hf, arch):
-    assert_matches_hf(booted(hf, arch), hf[arch][0])
+    assert_matches_hf(booted(hf, arch), hf[arch][0], IDS)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -118,7 +103,7 @@ def test_hf_model_needs_no_hub(hf, arch, offline_hub):
     hf_model = tiny_model(arch, seed=5)  # the bridge rewires the model it wraps: keep the reference clean
     bridge = boot(HUB_IDS[arch], hf_model=hf_model, tokenizer=tiny_tokenizer())
     assert bridge.original_model is hf_model
-    assert_matches_hf(bridge, hf[arch][0])
+    assert_matches_hf(bridge, hf[arch][0], IDS)
 
 
 @pytest.mark.parametrize("route", ("directory", "hf_model"))
@@ -134,7 +119,7 @@ def test_published_multimodal_layout_boots_text_only(hf, arch, route, no_torchvi
     else:
         bridge = boot(mm_dir)
     assert bridge.cfg.architecture == arch
-    assert_matches_hf(bridge, hf_model)
+    assert_matches_hf(bridge, hf_model, IDS)
 
 
 @pytest.mark.parametrize("arch", MULTIMODAL)
@@ -148,16 +133,9 @@ def test_explicit_architectures_override_is_left_alone(hf, arch, no_torchvision)
 @pytest.mark.parametrize("use_cache", (True, False), ids=("cache", "no_cache"))
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_steered_generation_matches_hf(hf, arch, use_cache):
-    hf_model = hf[arch][0]
     vector = 4 * torch.randn(64, generator=torch.Generator().manual_seed(0))
-    expected = hf_generate_steered(hf_model, IDS, STEER_LAYER, vector, max_new_tokens=8, use_cache=use_cache)
-    unsteered = hf_generate_steered(hf_model, IDS, STEER_LAYER, 0 * vector, max_new_tokens=8, use_cache=use_cache)
-    assert not torch.equal(expected, unsteered)  # the vector matters, so the comparison can fail
-
-    bridge = booted(hf, arch)
-    with bridge.hooks(fwd_hooks=[(f"blocks.{STEER_LAYER}.hook_resid_post", lambda resid, hook: resid + vector)]):
-        got = bridge.generate(IDS, max_new_tokens=8, do_sample=False, stop_at_eos=False, use_past_kv_cache=use_cache, verbose=False)
-    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    assert_steered_generation_matches_hf(booted(hf, arch), hf[arch][0], IDS, STEER_LAYER, vector, max_new_tokens=8,
+                                         use_cache=use_cache)
 
 
 @pytest.mark.parametrize("arch", MULTIMODAL)
@@ -199,13 +177,10 @@ def require_active(name):
 def test_linear_attention_prefill_path_matches_hf(hf, arch):
     """Without a cache the bridge runs its own Gated DeltaNet forward, which fires the interior hooks."""
     bridge, hf_model = booted(hf, arch), hf[arch][0]
-    ref_logits, ref_layers = hf_layer_outputs(hf_model, IDS)
-    logits, cache = bridge.run_with_cache(IDS, use_cache=False)
+    _, cache = bridge.run_with_cache(IDS, use_cache=False)
     linear = [n for n, kind in enumerate(hf_model.config.layer_types) if kind == "linear_attention"]
     assert linear and all(f"blocks.{n}.linear_attn.hook_recurrence_out" in cache for n in linear)
-    for n, ref in enumerate(ref_layers):
-        torch.testing.assert_close(cache[f"blocks.{n}.hook_resid_post"], ref, atol=ATOL, rtol=0)
-    torch.testing.assert_close(logits, ref_logits, atol=ATOL, rtol=0)
+    assert_matches_hf(bridge, hf_model, IDS, use_cache=False)
 
 
 @pytest.mark.parametrize("use_cache", (True, False), ids=("cache", "no_cache"))

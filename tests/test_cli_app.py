@@ -35,7 +35,7 @@ def test_cli_app_serves_on_localhost(tmp_path):
                              str(index_dir()), "--port", str(port)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        deadline, page = time.monotonic() + 90, None
+        deadline, page = time.monotonic() + 300, None
         while time.monotonic() < deadline and proc.poll() is None:
             try:
                 page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read().decode()

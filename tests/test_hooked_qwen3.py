@@ -10,7 +10,6 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import socket
 import warnings
 
 import pytest
@@ -23,7 +22,6 @@ from qscope_plugins.models._moe import RoutedMoE
 from qscope_plugins.models.qwen3_moe import is_sparse_layer
 from qscope_plugins.testing.tiny_models import (
     MAX_POSITIONS,
-    hf_generate_steered,
     hf_layer_outputs,
     save_checkpoint,
     tiny_model,
@@ -31,7 +29,10 @@ from qscope_plugins.testing.tiny_models import (
     tiny_topk_sae,
 )
 
-ATOL = 1e-4
+from _helpers import ATOL, assert_matches_hf, assert_steered_generation_matches_hf
+from _helpers import HELLO_IDS as IDS
+
+pytestmark = pytest.mark.usefixtures("no_network")
 STEER_LAYER = 2
 # name -> (architecture, config overrides, a hub id of that family for the hf_model= route)
 VARIANTS = {
@@ -42,15 +43,6 @@ VARIANTS = {
 }
 LOADERS = ("from_pretrained_no_processing", "from_pretrained")
 CLASSES = (HookedTransformer, HookedSAETransformer)
-IDS = torch.tensor([[17, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 33]])
-
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise OSError("network access in a test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -80,16 +72,6 @@ def load(hf, variant: str, cls=HookedTransformer, loader: str = "from_pretrained
     return _LOADED[key]
 
 
-def assert_matches_hf(model: HookedTransformer, hf_model, centered_logits: bool) -> None:
-    ref_logits, ref_layers = hf_layer_outputs(hf_model, IDS)
-    logits, cache = model.run_with_cache(IDS)
-    for n, ref in enumerate(ref_layers):
-        torch.testing.assert_close(cache[f"blocks.{n}.hook_resid_post"], ref, atol=ATOL, rtol=0)
-    if centered_logits:  # center_unembed subtracts each position's mean logit
-        ref_logits = ref_logits - ref_logits.mean(-1, keepdim=True)
-    torch.testing.assert_close(logits, ref_logits, atol=ATOL, rtol=0)
-
-
 def test_register_is_idempotent():
     patched = HookedTransformer.from_pretrained
     first = tl_integration.register()
@@ -105,7 +87,7 @@ def test_local_directory_matches_hf(hf, variant, loader, cls):
     model = load(hf, variant, cls, loader)
     assert type(model) is cls
     assert model.cfg.n_ctx == MAX_POSITIONS  # from the config, not TransformerLens's 2048
-    assert_matches_hf(model, hf[variant][0], centered_logits=loader == "from_pretrained")
+    assert_matches_hf(model, hf[variant][0], IDS, centered_logits=loader == "from_pretrained")
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
@@ -117,7 +99,7 @@ def test_hf_model_needs_no_hub(hf, variant, cls, offline_hub):
         warnings.simplefilter("ignore")
         model = cls.from_pretrained_no_processing(VARIANTS[variant][2], hf_model=hf_model, tokenizer=tiny_tokenizer(), device="cpu")
     assert model.cfg.original_architecture == VARIANTS[variant][0]
-    assert_matches_hf(model, hf_model, centered_logits=False)
+    assert_matches_hf(model, hf_model, IDS)
     assert model.to_string(model.to_tokens("héllo", prepend_bos=False)[0]) == "héllo"
 
 
@@ -125,16 +107,9 @@ def test_hf_model_needs_no_hub(hf, variant, cls, offline_hub):
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_steered_generation_matches_hf(hf, variant, cls, use_cache):
-    hf_model = hf[variant][0]
     vector = 4 * torch.randn(64, generator=torch.Generator().manual_seed(0))
-    expected = hf_generate_steered(hf_model, IDS, STEER_LAYER, vector, max_new_tokens=8, use_cache=use_cache)
-    unsteered = hf_generate_steered(hf_model, IDS, STEER_LAYER, 0 * vector, max_new_tokens=8, use_cache=use_cache)
-    assert not torch.equal(expected, unsteered)  # the vector matters, so the comparison can fail
-
-    model = load(hf, variant, cls)
-    with model.hooks(fwd_hooks=[(f"blocks.{STEER_LAYER}.hook_resid_post", lambda resid, hook: resid + vector)]):
-        got = model.generate(IDS, max_new_tokens=8, do_sample=False, stop_at_eos=False, use_past_kv_cache=use_cache, verbose=False)
-    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    assert_steered_generation_matches_hf(load(hf, variant, cls), hf[variant][0], IDS, STEER_LAYER, vector,
+                                         max_new_tokens=8, use_cache=use_cache)
 
 
 def test_moe_routing_hooks_match_hf_router(hf):

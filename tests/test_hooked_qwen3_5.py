@@ -15,29 +15,15 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
 import qscope_plugins
 from qscope_plugins.testing.sae_files import random_sae_state, write_released_layer
-from qscope_plugins.testing.tiny_models import (
-    hf_generate_steered,
-    hf_layer_outputs,
-    save_checkpoint,
-    tiny_model,
-    tiny_tokenizer,
-)
+from qscope_plugins.testing.tiny_models import hf_layer_outputs, save_checkpoint, tiny_model, tiny_tokenizer
+
+from _helpers import ATOL, assert_matches_hf, assert_steered_generation_matches_hf
 
 ARCHS = ("Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM")
 NAMES = {"Qwen3_5ForCausalLM": "Qwen/Qwen3.5-2B-Base", "Qwen3_5MoeForCausalLM": "Qwen/Qwen3.5-35B-A3B-Base"}
-ATOL = 1e-4
 STEER_LAYER = 1  # a middle layer (of 4), full attention; layer 0 and 2 are linear attention
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP overhead (20x slower when the cores are busy)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -65,17 +51,6 @@ def hooked(checkpoints):
 def prompt(batch=2, length=13, seed=0):
     # Ids from 1: id 0 is the tiny tokenizer's pad token, which TransformerLens would mask.
     return torch.randint(1, 300, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def assert_matches_hf(model, hf, ids, atol=ATOL, center_unembed=False):
-    with torch.no_grad():
-        ref_logits, ref_layers = hf_layer_outputs(hf, ids)
-        logits, cache = model.run_with_cache(ids)
-    if center_unembed:  # logits move by a per-position constant; log-probs do not
-        logits, ref_logits = logits.log_softmax(-1), ref_logits.log_softmax(-1)
-    torch.testing.assert_close(logits, ref_logits, atol=atol, rtol=0)
-    for n, ref in enumerate(ref_layers):
-        torch.testing.assert_close(cache[f"blocks.{n}.hook_resid_post"], ref, atol=atol, rtol=0, msg=f"layer {n}")
 
 
 def test_logits_and_every_resid_post_match_hf(hooked, hf):
@@ -170,14 +145,7 @@ def test_cached_forward_continues_the_prompt(hooked):
 def test_steered_greedy_generation_equals_hf(hooked, hf, use_cache):
     ids = prompt(batch=1, length=7, seed=4)
     vector = 3.0 * torch.randn(hf.config.hidden_size, generator=torch.Generator().manual_seed(5))
-    expected = hf_generate_steered(hf, ids, STEER_LAYER, vector, max_new_tokens=10, use_cache=use_cache)
-    unsteered = hf_generate_steered(hf, ids, STEER_LAYER, 0 * vector, max_new_tokens=10, use_cache=use_cache)
-    assert not torch.equal(expected, unsteered)  # the vector matters, so the comparison can fail
-    steer = (f"blocks.{STEER_LAYER}.hook_resid_post", lambda resid, hook: resid + vector)
-    with hooked.hooks(fwd_hooks=[steer]):
-        got = hooked.generate(ids, max_new_tokens=10, do_sample=False, stop_at_eos=False,
-                              use_past_kv_cache=use_cache, verbose=False)
-    assert torch.equal(got, expected)
+    assert_steered_generation_matches_hf(hooked, hf, ids, STEER_LAYER, vector, max_new_tokens=10, use_cache=use_cache)
 
 
 @pytest.mark.parametrize("cls", [HookedTransformer, HookedSAETransformer], ids=lambda c: c.__name__)
@@ -198,7 +166,7 @@ def test_default_processing_then_a_qwen_scope_sae(checkpoints, hf, tmp_path, off
     with pytest.warns(UserWarning, match="fold_ln is not supported"):
         model = HookedSAETransformer.from_pretrained(str(checkpoints[1]), device="cpu")
     ids = prompt(seed=9)
-    assert_matches_hf(model, hf, ids, center_unembed=True)
+    assert_matches_hf(model, hf, ids, centered_logits=True)
     write_released_layer(tmp_path, STEER_LAYER, random_sae_state(hf.config.hidden_size, 256, seed=8))
     sae = qscope_plugins.load_sae(tmp_path, STEER_LAYER, k=8)
     hook = f"blocks.{STEER_LAYER}.hook_resid_post"

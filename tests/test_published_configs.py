@@ -31,20 +31,14 @@ from qscope_plugins.testing.published_configs import BACKBONES, record, shrunk_c
 from qscope_plugins.testing.sae_files import random_sae_state, write_released_layer
 from qscope_plugins.testing.tiny_models import hf_layer_outputs
 
+from _helpers import HELLO_IDS
+
 ATOL = 1e-4
 SAE_LAYER = 2  # of 4; layers 0-2 are linear attention in Qwen3.5, layer 3 full attention
 SAE_K = 8
-IDS = torch.tensor([[17, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114]])
+IDS = HELLO_IDS[:, :11]
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=BACKBONES)

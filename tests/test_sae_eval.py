@@ -8,26 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qscope_plugins.backends import as_backend
 from qscope_plugins.backends.hf import HFBackend
 from qscope_plugins.cli import main
 from qscope_plugins.recipes.sae_eval import compare_checkpoints, evaluate_sae, jaccard
 from qscope_plugins.sae import QwenScopeSAE
 from qscope_plugins.testing.sae_files import random_sae_state, write_released_layer
-from qscope_plugins.testing.tiny_models import save_checkpoint, tiny_model, tiny_tokenizer
+from qscope_plugins.testing.tiny_models import save_checkpoint, tiny_model
+
+from _helpers import BACKEND_KINDS, make_backend, model, tok  # noqa: F401 (model and tok are fixtures)
 
 TEXTS = ["Hello world, this is a test", "ab", "The quick brown fox jumps", "SAE quality per layer!"]
 DEAD, DENSE = range(0, 10), range(10, 12)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model("Qwen3ForCausalLM", seed=3)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
 
 
 def planted_sae(layer: int) -> QwenScopeSAE:
@@ -114,29 +105,9 @@ def test_metrics_equal_hand_computation_on_planted_sae(model, tok, skip_first):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(model, tmp_path_factory):
-    return save_checkpoint(model, tmp_path_factory.mktemp("tiny_qwen3"))
-
-
-def make_backend(kind, model, tok, checkpoint=None):
-    """A backend of ``kind`` over ``model``; frameworks edit their tokenizer, so they get their own."""
-    if kind == "hf":
-        return HFBackend(model, tok)
-    if kind == "hooked":
-        from transformer_lens import HookedTransformer
-
-        from qscope_plugins import register
-
-        register()
-        return as_backend(HookedTransformer.from_pretrained_no_processing("tiny-qwen3", hf_model=model,
-                                                                           tokenizer=tiny_tokenizer()))
-    if kind == "bridge":
-        from transformer_lens.model_bridge import TransformerBridge
-
-        return as_backend(TransformerBridge.boot_transformers(str(checkpoint), hf_model=model, device="cpu"))
-    from qscope_plugins.backends.nnsight import NNsightBackend
-
-    return NNsightBackend(model, tokenizer=tiny_tokenizer())
+def checkpoint(tmp_path_factory):
+    """The module's model on disk, saved from a fresh copy (a bridge backend rewires the model it wraps)."""
+    return save_checkpoint(tiny_model("Qwen3ForCausalLM", seed=3), tmp_path_factory.mktemp("tiny_qwen3"))
 
 
 @pytest.fixture(scope="module")
@@ -144,9 +115,9 @@ def hf_reference(model, tok):
     return evaluate_sae(HFBackend(model, tok), {1: planted_sae(1), 2: perfect_sae(2)}, TEXTS, skip_first_token=True)
 
 
-@pytest.mark.parametrize("kind", ["hf", "hooked", "bridge", "nnsight"])
-def test_every_backend_agrees_and_a_perfect_sae_scores_one(model, tok, checkpoint, hf_reference, kind):
-    got = evaluate_sae(make_backend(kind, model, tok, checkpoint), {1: planted_sae(1), 2: perfect_sae(2)}, TEXTS,
+@pytest.mark.parametrize("kind", BACKEND_KINDS)
+def test_every_backend_agrees_and_a_perfect_sae_scores_one(model, tok, hf_reference, kind):
+    got = evaluate_sae(make_backend(kind, model, tok), {1: planted_sae(1), 2: perfect_sae(2)}, TEXTS,
                        skip_first_token=True)
     perfect = got[2]
     assert perfect.explained_variance == pytest.approx(1.0, abs=1e-5) and perfect.fvu == pytest.approx(0, abs=1e-5)

@@ -51,15 +51,22 @@ def build_app(explorer: Explorer):
                 raise gr.Error(str(err)) from None
         return run
 
+    def layer_controls(k_max: int, k_label: str):
+        """Which layers to read and how many top features each shows (Text and Compare)."""
+        return (gr.CheckboxGroup(layers, value=layers, label="Layers"),
+                gr.Slider(1, k_max, value=5, step=1, label=k_label))
+
+    def exclude_first():
+        return gr.Checkbox(True, label="Exclude first token")
+
     with gr.Blocks(title="qscope explorer", analytics_enabled=False) as demo:
         gr.Markdown(f"### qscope explorer &middot; `{_short(explorer.model)}` &middot; SAEs `{_short(explorer.sae)}`")
         with gr.Tab("Text", elem_id="tab-text"):
             text = gr.Textbox(label="Text", lines=4, elem_id="text-input")
             with gr.Row():
-                text_layers = gr.CheckboxGroup(layers, value=layers, label="Layers")
-                text_k = gr.Slider(1, 20, value=5, step=1, label="Top features per layer")
+                text_layers, text_k = layer_controls(20, "Top features per layer")
                 text_raw = gr.Checkbox(False, label="Raw pre-activations (before Top-k / ReLU)")
-                text_first = gr.Checkbox(True, label="Exclude first token")
+                text_first = exclude_first()
             text_go = gr.Button("Analyze", variant="primary", elem_id="text-run")
             text_out = gr.HTML(elem_id="text-heatmap")
             text_go.click(guard(lambda t, ls, k, raw, first: explorer.text(t, ls, int(k), raw, first).html),
@@ -71,9 +78,8 @@ def build_app(explorer: Explorer):
                 text_a = gr.Textbox(label="Text A", lines=4, elem_id="compare-a")
                 text_b = gr.Textbox(label="Text B", lines=4, elem_id="compare-b")
             with gr.Row():
-                cmp_layers = gr.CheckboxGroup(layers, value=layers, label="Layers")
-                cmp_k = gr.Slider(1, 50, value=5, step=1, label="Top-K per layer")
-                cmp_first = gr.Checkbox(True, label="Exclude first token")
+                cmp_layers, cmp_k = layer_controls(50, "Top-K per layer")
+                cmp_first = exclude_first()
                 cmp_shared = gr.Checkbox(False, label="Drop shared tokens")
                 cmp_prefix = gr.Checkbox(False, label="Drop common prefix")
                 cmp_raw = gr.Checkbox(False, label="Raw pre-activations")

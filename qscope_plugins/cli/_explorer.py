@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ._options import UsageError
+from ._options import UsageError, id_ranges
 
 NANO = "nano"
 DEMO_DATA = "demo"
@@ -41,16 +41,16 @@ def parse_ids(spec: str, n: int, what: str) -> list[int]:
     if text == "all":
         return list(range(n))
     out: set[int] = set()
-    for part in text.split(","):
-        lo, sep, hi = part.strip().partition("-")
-        try:
-            ids = range(int(lo), int(hi) + 1) if sep else [int(lo)]
-        except ValueError:
-            raise UsageError(f"bad {what} {part!r} in {spec!r}; use e.g. 3, 0-5, 0,2,7 or all") from None
-        for i in ids:
-            if not 0 <= i < n:
-                raise UsageError(f"{what} {i} is out of range: there are {what}s 0..{n - 1}")
-            out.add(i)
+    try:
+        for _, start, stop in id_ranges(text):
+            for i in range(start, stop + 1):
+                if not 0 <= i < n:
+                    raise UsageError(f"{what} {i} is out of range: there are {what}s 0..{n - 1}")
+                out.add(i)
+    except UsageError:
+        raise
+    except ValueError as err:
+        raise UsageError(f"bad {what} {err.args[0]!r} in {spec!r}; use e.g. 3, 0-5, 0,2,7 or all") from None
     if not out:
         raise UsageError(f"no {what}s in {spec!r}")
     return sorted(out)

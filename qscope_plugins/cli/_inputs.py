@@ -7,12 +7,12 @@ command line fails in well under a second with one line that names the fix.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
+from .._io import jsonl_values
 from ._options import UsageError, as_usage_errors, check_text, input_file, looks_like_path, resolve_device
 
 
@@ -31,11 +31,7 @@ def read_texts(path: str | os.PathLike, flag: str = "file") -> list[str]:
     numbered = [(i, line) for i, line in enumerate(raw.splitlines(), 1) if line.strip()]
     if path.suffix == ".jsonl":
         texts = []
-        for i, line in numbered:
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UsageError(f"{path}:{i}: not valid JSON ({err.msg})") from None
+        for i, item in jsonl_values(path, raw, error=UsageError):
             text = item if isinstance(item, str) else item.get("text", item.get("prompt")) if isinstance(item, dict) else None
             if not isinstance(text, str):
                 raise UsageError(f"{path}:{i}: expected a JSON string or an object with 'text' or 'prompt', "

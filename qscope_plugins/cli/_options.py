@@ -127,6 +127,19 @@ def device_name(text: str) -> str:
 ALL = "all"
 
 
+def id_ranges(spec: str) -> Iterator[tuple[str, int, int]]:
+    """The comma-separated parts of ``"3"``, ``"0-5"``, ``"0,2,7"``, ``"0,4-6"`` as ``(part, first, last)``, in order.
+
+    The one grammar of id lists (layers, feature ids): a part is ``N`` or ``N-M`` with plain digits; a
+    malformed part raises ``ValueError(part)`` when it is reached. ``"all"`` is the caller's to handle.
+    """
+    for part in str(spec).strip().split(","):
+        lo, dash, hi = part.strip().partition("-")
+        if not lo.isdigit() or (dash and not hi.isdigit()):
+            raise ValueError(part)
+        yield part, int(lo), int(hi if dash else lo)
+
+
 def parse_layer_spec(spec: str) -> list[int] | str:
     """``"3"``, ``"0-5"``, ``"0,2,7"``, ``"0,4-6"`` -> sorted layer list; ``"all"`` stays ``"all"``.
 
@@ -136,15 +149,15 @@ def parse_layer_spec(spec: str) -> list[int] | str:
     if spec.lower() == ALL:
         return ALL
     layers: list[int] = []
-    for part in spec.split(","):
-        part = part.strip()
-        lo, dash, hi = part.partition("-")
-        if not lo.isdigit() or (dash and not hi.isdigit()):
-            raise UsageError(f"bad layer spec {part!r}: use forms like 3, 0-5, 0,2,7 or all")
-        start, stop = int(lo), int(hi if dash else lo)
-        if stop < start:
-            raise UsageError(f"bad layer range {part!r}: end before start")
-        layers.extend(range(start, stop + 1))
+    try:
+        for part, start, stop in id_ranges(spec):
+            if stop < start:
+                raise UsageError(f"bad layer range {part.strip()!r}: end before start")
+            layers.extend(range(start, stop + 1))
+    except UsageError:
+        raise
+    except ValueError as err:
+        raise UsageError(f"bad layer spec {err.args[0].strip()!r}: use forms like 3, 0-5, 0,2,7 or all") from None
     seen: set[int] = set()
     for layer in layers:
         if layer in seen:

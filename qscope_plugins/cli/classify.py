@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..distributed import command_world
 from ._inputs import check_sources, open_backend, open_saes, read_texts
 from ._options import (
     UsageError, add_first_token, add_layer, add_layers, add_model_options, add_top, as_usage_errors, check_context,
@@ -84,12 +85,15 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     add_first_token(p)
 
 
-def _acts(args, backend, saes, texts, skip_first_token):
+def _acts(args, backend, saes, texts, skip_first_token, world=None):
+    from ..distributed import SINGLE
     from ..recipes.classifier_run import example_activations
 
-    progress = not args.no_progress
+    world = world or SINGLE
+    progress = not args.no_progress and world.is_main
     return example_activations(
-        backend, saes, texts, skip_first_token=skip_first_token, batch_size=args.batch_size, progress=progress
+        backend, saes, texts, skip_first_token=skip_first_token, batch_size=args.batch_size, progress=progress,
+        world=world,
     )
 
 
@@ -109,11 +113,6 @@ def _revision(saes) -> str | None:
 
 # ---- fit ---------------------------------------------------------------------------------------
 def run_fit(args: argparse.Namespace) -> int:
-    from ..recipes import classifier as clf
-    from ..recipes import classifier_eval as cev
-
-    import numpy as np
-
     if args.output is None:
         raise UsageError("give --output PATH for the classifier JSON")
     if (args.eval_pos is None) != (args.eval_neg is None):
@@ -136,6 +135,18 @@ def run_fit(args: argparse.Namespace) -> int:
     output_file(args.output)
     output_file(args.plot, "--plot")
     check_sources(args, args.layers)
+    with command_world(args, "classify fit") as world:
+        return _fit(args, texts, grid, world)
+
+
+def _fit(args: argparse.Namespace, texts: dict[str, list[str]], grid: list[int], world) -> int:
+    """``classify fit`` after validation; under a launcher every rank captures its share of the texts and
+    rank 0 alone writes and reports."""
+    from ..recipes import classifier as clf
+    from ..recipes import classifier_eval as cev
+
+    import numpy as np
+
     skip = args.skip_first_token
     backend = open_backend(args)
     with as_usage_errors():
@@ -145,7 +156,11 @@ def run_fit(args: argparse.Namespace) -> int:
         if args.layer is not None and args.layer not in layers:
             raise UsageError(f"--layer {args.layer} is not among the scanned layers {layers}")
     saes = open_saes(args, backend, layers)
-    pos, neg = (_acts(args, backend, saes, texts[flag], skip) for flag in ("--pos", "--neg"))
+    pos, neg = (_acts(args, backend, saes, texts[flag], skip, world) for flag in ("--pos", "--neg"))
+    if args.eval_pos:
+        test_pos, test_neg = (_acts(args, backend, saes, texts[flag], skip, world) for flag in ("--eval-pos", "--eval-neg"))
+    if not world.is_main:
+        return 0
     deltas = clf.layer_deltas(pos, neg, args.eps)
     meta = dict(model=args.model, sae_source=args.sae, sae_revision=_revision(saes), skip_first_token=skip)
     if args.compose:
@@ -157,7 +172,6 @@ def run_fit(args: argparse.Namespace) -> int:
         model = clf.fit(pos[layer], neg[layer], top_k=args.top, eps=args.eps, layer=layer, **meta)
     result = {"top1_diff": clf.top1_diff(deltas), "classifier": model.to_dict()}
     if args.eval_pos:
-        test_pos, test_neg = (_acts(args, backend, saes, texts[flag], skip) for flag in ("--eval-pos", "--eval-neg"))
         result["evaluation"] = cev.evaluate(model, test_pos, test_neg).to_dict()
         def held_out_f1(layer: int, k: int) -> float:
             candidate = clf.fit(pos[layer], neg[layer], top_k=k, eps=args.eps)
@@ -171,9 +185,7 @@ def run_fit(args: argparse.Namespace) -> int:
             heatmap(table, sorted(deltas), grid, args.plot, "Held-out F1 per layer and K", "F1")
         if args.baselines:
             result["baselines"] = _baselines(args, backend, model, pos, neg, test_pos, test_neg, skip)
-    from ._options import write_atomic
-
-    write_atomic(args.output, json.dumps(model.to_dict(), indent=2))
+    model.save(args.output.expanduser().resolve())
     text = json.dumps(result, indent=2) if args.json else _fit_text(result, args.output)
     sys.stdout.write(text + "\n")
     return 0
@@ -230,12 +242,15 @@ def run_eval(args: argparse.Namespace) -> int:
         model = _load_classifier(args.classifier)
         texts = [read_texts(args.pos, "--pos"), read_texts(args.neg, "--neg")]
         check_sources(args, sorted(set(model.layers)))
-        backend = open_backend(args)
-        with as_usage_errors():
-            for flag, group in zip(("--pos", "--neg"), texts):
-                check_context(backend, group, source=flag)
-        saes = open_saes(args, backend, sorted(set(model.layers)))
-        pos, neg = (_acts(args, backend, saes, t, model.skip_first_token) for t in texts)
+        with command_world(args, "classify eval") as world:
+            backend = open_backend(args)
+            with as_usage_errors():
+                for flag, group in zip(("--pos", "--neg"), texts):
+                    check_context(backend, group, source=flag)
+            saes = open_saes(args, backend, sorted(set(model.layers)))
+            pos, neg = (_acts(args, backend, saes, t, model.skip_first_token, world) for t in texts)
+        if not world.is_main:
+            return 0
         result = cev.evaluate(model, pos, neg, fpr=args.fpr, n_boot=args.n_boot).to_dict()
     else:
         if not args.layers:
@@ -246,15 +261,18 @@ def run_eval(args: argparse.Namespace) -> int:
         texts = {name: [read_texts(f, f"--lang {name}") for f in files] for name, *files in args.lang}
         output_file(args.plot, "--plot")
         check_sources(args, args.layers)
-        backend = open_backend(args)
-        with as_usage_errors():
-            layers = resolve_layers(args.layers, backend.n_layers)
-            for name, group in texts.items():
-                for t in group:
-                    check_context(backend, t, source=f"--lang {name}")
-        saes = open_saes(args, backend, layers)
-        skip = args.skip_first_token
-        acts = {name: [_acts(args, backend, saes, t, skip) for t in group] for name, group in texts.items()}
+        with command_world(args, "classify eval") as world:
+            backend = open_backend(args)
+            with as_usage_errors():
+                layers = resolve_layers(args.layers, backend.n_layers)
+                for name, group in texts.items():
+                    for t in group:
+                        check_context(backend, t, source=f"--lang {name}")
+            saes = open_saes(args, backend, layers)
+            skip = args.skip_first_token
+            acts = {name: [_acts(args, backend, saes, t, skip, world) for t in group] for name, group in texts.items()}
+        if not world.is_main:
+            return 0
         result = {"languages": list(acts), "layers": {}}
         for layer in layers:
             discovery = {name: (a[0][layer], a[1][layer]) for name, a in acts.items()}

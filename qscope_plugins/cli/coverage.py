@@ -7,7 +7,6 @@ examples file and the chat-template switch. Everything is read and validated bef
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from ._inputs import check_sources, open_backend, open_saes, read_texts
@@ -50,14 +49,10 @@ def read_examples(path: str | Path, flag: str = "DATA") -> list:
     path = input_file(path, flag)
     if path.suffix != ".jsonl":
         return read_texts(path, flag)
+    from .._io import jsonl_values
+
     examples = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UsageError(f"{path}:{i}: not valid JSON ({err.msg})") from None
+    for i, item in jsonl_values(path, error=UsageError):
         if not isinstance(item, (str, dict)):
             raise UsageError(f"{path}:{i}: expected a JSON string or object, got {type(item).__name__}")
         try:

@@ -2,7 +2,9 @@
 
 With ``--compare-model`` the same SAEs are measured on a second checkpoint (e.g. base vs
 post-trained) side by side, plus the Jaccard overlap of each text's top features. Everything is
-validated and computed before anything is written; JSON and PNG are written atomically.
+validated and computed before anything is written; JSON and PNG are written atomically. Under
+``torchrun`` / ``accelerate launch`` the batches are shared out over the ranks and the sums folded in
+batch order: the same metrics, bit for bit (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -118,7 +120,7 @@ def _table(metrics: list[dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..recipes.sae_eval import compare_checkpoints, evaluate_sae
+    from ..distributed import command_world
 
     if args.max_length < 2:
         raise UsageError(f"--max-length must be >= 2 (next-token loss needs two tokens), got {args.max_length}")
@@ -128,13 +130,21 @@ def run(args: argparse.Namespace) -> int:
         check_model_source(args.compare_model, "--compare-model")
     check_sources(args, args.layers)
     texts = read_data(args.data, args.column, args.split, args.max_texts)
+    with command_world(args, "eval-sae") as world:
+        return _run(args, texts, world)
+
+
+def _run(args: argparse.Namespace, texts: list[str], world) -> int:
+    from ..recipes.sae_eval import compare_checkpoints, evaluate_sae
+
     backend = open_backend(args)
     with as_usage_errors():
         layers = resolve_layers(args.layers, backend.n_layers)
     saes = open_saes(args, backend, layers)
-    max_length = _warn_truncation(backend, texts, args.max_length)
+    max_length = _warn_truncation(backend, texts, args.max_length, world.is_main)
     options = dict(skip_first_token=args.skip_first_token, compute_loss=not args.no_loss, batch_size=args.batch_size,
-                   max_length=max_length, dense_threshold=args.dense_threshold, progress=not args.no_progress)
+                   max_length=max_length, dense_threshold=args.dense_threshold,
+                   progress=not args.no_progress and world.is_main, world=world)
     result = {"model": args.model, "sae": args.sae, "backend": args.backend, "n_texts": len(texts),
               "skip_first_token": args.skip_first_token}
     if args.compare_model:
@@ -152,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
         result["layers"] = [e.to_dict() for e in evaluated.values()]
         series = {"model": result["layers"]}
         text = _table(result["layers"])
+    if not world.is_main:  # every rank holds the same result; one reports it
+        return 0
     if args.plot:
         jaccard = [r["top_feature_jaccard"] for r in result["layers"]] if args.compare_model else None
         plot(series, args.plot, f"{Path(args.sae).name} on {Path(args.model).name}", jaccard)
@@ -159,13 +171,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _warn_truncation(backend, texts: list[str], max_length: int) -> None:
+def _warn_truncation(backend, texts: list[str], max_length: int, say: bool = True) -> int:
     """eval-sae truncates (to ``--max-length``, at most the model's context) and says so."""
     context = getattr(getattr(getattr(backend, "model", None), "config", None), "max_position_embeddings", None)
     if isinstance(context, int) and max_length > context:
         max_length = context
     cut = sum(len(ids) > max_length for ids in backend.encode(texts))
-    if cut:
+    if cut and say:
         print(f"qscope eval-sae: warning: {cut} of {len(texts)} texts are longer than {max_length} tokens "
               "(--max-length, at most the model's context) and are truncated", file=sys.stderr)
     return max_length

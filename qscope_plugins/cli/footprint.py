@@ -1,6 +1,8 @@
 """``qscope footprint``: benchmark feature footprints into a resumable sparse store.
 
-Re-running the same command after an interruption resumes from the last completed batch.
+Re-running the same command after an interruption resumes from the last completed batch. Launched
+with ``torchrun`` / ``accelerate launch``, the batches are shared out over the ranks and the store is
+byte-identical to a single-process run (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -22,6 +24,11 @@ def parse_benchmark(value: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
+def add_named_files(p: argparse.ArgumentParser, flag: str, help: str, **kwargs) -> None:
+    """A repeatable ``FLAG NAME=FILE`` option, parsed to ``[(name, path), ...]``."""
+    p.add_argument(flag, type=parse_benchmark, action="append", metavar="NAME=FILE", help=help, **kwargs)
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "footprint",
@@ -30,14 +37,8 @@ def add_parser(subparsers) -> None:
     )
     add_model_options(p)
     add_layers(p, required=True, help="decoder layers (one forward pass serves all)")
-    p.add_argument(
-        "--benchmark",
-        type=parse_benchmark,
-        action="append",
-        required=True,
-        metavar="NAME=FILE",
-        help="benchmark samples: .jsonl records or one text per line (repeatable)",
-    )
+    add_named_files(p, "--benchmark", "benchmark samples: .jsonl records or one text per line (repeatable)",
+                    required=True)
     p.add_argument("--store", type=Path, required=True, help="store directory (one sub-directory per benchmark)")
     p.add_argument("--template", default="{text}", help="prompt template over the record fields, e.g. 'Q: {question}\\nA:'")
     p.add_argument("--id-field", help="record field holding the sample id (default: line number from 0)")
@@ -79,12 +80,17 @@ def _check(args: argparse.Namespace) -> dict[str, list]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from ..recipes.footprints import extract_footprints
+    from ..distributed import command_world
 
     benchmarks = _check(args)
-    from ..recipes.footprints import render
+    with command_world(args, "footprint") as world:
+        return _run(args, benchmarks, world)
+
+
+def _run(args: argparse.Namespace, benchmarks: dict[str, list], world) -> int:
+    import numpy as np
+
+    from ..recipes.footprints import extract_footprints, render
 
     backend = open_backend(args)
     with as_usage_errors():
@@ -107,9 +113,12 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             progress=not args.no_progress,
             overwrite=args.overwrite,
+            world=world,
         )
-        sizes = {layer: int(np.unique(store.footprints(layer).indices).size) for layer in store.config.layers}
-        summary[name] = {"samples": store.config.n_samples, "directory": str(store.directory), "footprint_size": sizes}
-    lines = [f"{n}: {s['samples']} samples -> {s['directory']}; |F(D)| {s['footprint_size']}" for n, s in summary.items()]
-    emit(args, summary, "\n".join(lines))
+        if world.is_main:
+            sizes = {layer: int(np.unique(store.footprints(layer).indices).size) for layer in store.config.layers}
+            summary[name] = {"samples": store.config.n_samples, "directory": str(store.directory), "footprint_size": sizes}
+    if world.is_main:
+        lines = [f"{n}: {s['samples']} samples -> {s['directory']}; |F(D)| {s['footprint_size']}" for n, s in summary.items()]
+        emit(args, summary, "\n".join(lines))
     return 0

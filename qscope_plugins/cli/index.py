@@ -3,7 +3,8 @@
 One pass stores every non-zero Top-k activation per layer (feature-major), plus each feature's logit
 effects and decoder-cosine neighbours, so ``qscope dashboard``, ``qscope explain`` and the app's
 Feature tab build any feature's page from it in milliseconds. An interrupted run resumes when rerun
-with the same arguments.
+with the same arguments; under ``torchrun`` / ``accelerate launch`` the batches are shared out over the
+ranks (the same index, byte for byte; docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -35,19 +36,24 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..distributed import command_world
     from ..recipes.feature_index import build_index
 
     if args.max_tokens < 2:
         raise UsageError("--max-tokens must be >= 2")
     texts, described = load_corpus(args.data, args.model)
-    backend, saes, model, sae = open_model(args, args.layers)
-    index = build_index(
-        backend, saes, texts, args.output_dir, model=args.model if args.model != "nano" else "nano (bundled)",
-        sae_source=args.sae or "nano (bundled)", skip_first_token=args.skip_first_token,
-        max_tokens=args.max_tokens, batch_size=args.batch_size,
-        extra={"data": described, "model_path": model, "sae_path": sae, "neuronpedia_ids": neuronpedia_ids(sae, list(saes))},
-        progress=not args.no_progress,
-    )
+    with command_world(args, "index") as world:
+        backend, saes, model, sae = open_model(args, args.layers)
+        index = build_index(
+            backend, saes, texts, args.output_dir, model=args.model if args.model != "nano" else "nano (bundled)",
+            sae_source=args.sae or "nano (bundled)", skip_first_token=args.skip_first_token,
+            max_tokens=args.max_tokens, batch_size=args.batch_size,
+            extra={"data": described, "model_path": model, "sae_path": sae,
+                   "neuronpedia_ids": neuronpedia_ids(sae, list(saes))},
+            progress=not args.no_progress, world=world,
+        )
+        if not world.is_main:
+            return 0
     cfg = index.config
     summary = {"output_dir": str(args.output_dir), "layers": list(cfg.layers), "d_sae": cfg.d_sae, "documents": cfg.n_docs,
                "tokens": cfg.n_tokens, "truncated_docs": index.meta.get("truncated_docs", 0)}

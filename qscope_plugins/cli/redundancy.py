@@ -17,25 +17,16 @@ from ._options import (
     UsageError, add_json, add_layer, add_output_dir, as_usage_errors, deprecated, input_file, non_negative_int,
     output_dir, positive_int, write_atomic,
 )
-from .footprint import parse_benchmark
+from .footprint import add_named_files
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "redundancy",
-        help="benchmark redundancy (R_hat, R) and overlap from footprints",
-        description=__doc__.split("\n\n")[0],
-    )
+    p = subparsers.add_parser("redundancy", help="benchmark redundancy (R_hat, R) and overlap from footprints",
+                              description=__doc__.split("\n\n")[0])
     add_store_arguments(p)
     p.add_argument("--benchmarks", nargs="+", help="benchmarks to include (default: every finished one in the store)")
-    p.add_argument(
-        "--scores",
-        type=parse_benchmark,
-        action="append",
-        default=[],
-        metavar="NAME=FILE",
-        help="per-sample model scores for a benchmark (.json or long .csv; repeatable)",
-    )
+    add_named_files(p, "--scores", "per-sample model scores for a benchmark (.json or long .csv; repeatable)",
+                    default=[])
     p.add_argument("--control", help="benchmark to partial out of performance similarity (the report uses MMLU)")
     p.add_argument("--n-subsets", type=positive_int, default=100, help="random orderings per benchmark for R")
     p.add_argument("--seed", type=non_negative_int, default=0)

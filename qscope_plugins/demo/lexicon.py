@@ -92,29 +92,29 @@ class _Words:
     def many(self, n: int, make, *args) -> tuple[str, ...]:
         return tuple(make(*args) for _ in range(n))
 
+    def classes(self, make, n_topics: int, per_topic: dict[str, tuple[int, int]],
+                shared: dict[str, tuple[int, int]]) -> dict[str, tuple]:
+        """``{class: words}`` drawn in the order given: ``per_topic`` classes get ``n_topics`` tuples of
+        ``count`` words, ``shared`` classes one tuple; ``(count, length)`` sizes each class's words."""
+        out: dict[str, tuple] = {
+            name: tuple(self.many(count, make, length) for _ in range(n_topics))
+            for name, (count, length) in per_topic.items()
+        }
+        out.update({name: self.many(count, make, length) for name, (count, length) in shared.items()})
+        return out
+
 
 def build_lexicon(seed: int, *, n_topics: int = len(TOPICS), nouns: int = 10, verbs: int = 5, adjs: int = 5,
                   names: int = 12, cues: int = 3, toxic: int = 3, cjk_pool: int = 96) -> Lexicon:
     """Draw both languages' vocabularies; the same seed always gives the same words."""
     words = _Words(np.random.default_rng(seed), cjk_pool)
-    a = Language(
-        "A",
-        nouns=tuple(words.many(nouns, words.latin, 2) for _ in range(n_topics)),
-        verbs=tuple(words.many(verbs, words.latin, 2) for _ in range(n_topics)),
-        adjs=tuple(words.many(adjs, words.latin, 2) for _ in range(n_topics)),
-        preps=words.many(3, words.latin, 1),
-        toxic=words.many(toxic, words.latin, 2),
-        cues=words.many(cues, words.latin, 3),
-    )
-    b = Language(
-        "B",
-        nouns=tuple(words.many(nouns, words.cjk, 2) for _ in range(n_topics)),
-        verbs=tuple(words.many(verbs, words.cjk, 1) for _ in range(n_topics)),
-        adjs=tuple(words.many(adjs, words.cjk, 1) for _ in range(n_topics)),
-        preps=words.many(3, words.cjk, 1),
-        toxic=words.many(toxic, words.cjk, 2),
-        particles=words.many(4, words.cjk, 1),
-        counters=words.many(3, words.cjk, 1),
-    )
+    a = Language("A", **words.classes(
+        words.latin, n_topics, {"nouns": (nouns, 2), "verbs": (verbs, 2), "adjs": (adjs, 2)},
+        {"preps": (3, 1), "toxic": (toxic, 2), "cues": (cues, 3)},
+    ))
+    b = Language("B", **words.classes(
+        words.cjk, n_topics, {"nouns": (nouns, 2), "verbs": (verbs, 1), "adjs": (adjs, 1)},
+        {"preps": (3, 1), "toxic": (toxic, 2), "particles": (4, 1), "counters": (3, 1)},
+    ))
     shared = tuple(w.capitalize() for w in words.many(names, words.latin, 2))
     return Lexicon(a, b, shared)

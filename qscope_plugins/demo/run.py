@@ -14,7 +14,6 @@ the build's seeds:
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._io import atomic_write_with, write_json
 from .assets import ASSETS, MODEL_DIR, SAE_DIR, corpus_generator, read_manifest
 from .benchmarks import build_suite
 from .config import BuildConfig, EvalSeeds
@@ -176,9 +176,7 @@ def write_outputs(out: Path, summary: dict) -> None:
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{SUMMARY}.tmp"
-    tmp.write_text(json.dumps(summary, indent=1) + "\n")
-    tmp.replace(out / SUMMARY)
+    write_json(out / SUMMARY, summary)
 
     cs = summary["code_switch"]
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -191,7 +189,7 @@ def write_outputs(out: Path, summary: dict) -> None:
            title=f"greedy code-switching, perplexity ratio {summary['perplexity_ratio']:.3f}")
     ax.legend(fontsize=7, loc="center right")
     fig.tight_layout()
-    fig.savefig(out / "code_switch.png", dpi=120)
+    atomic_write_with(out / "code_switch.png", lambda path: fig.savefig(path, dpi=120))
     plt.close(fig)
 
     clf = summary["classifier"]
@@ -206,7 +204,7 @@ def write_outputs(out: Path, summary: dict) -> None:
            title=f"toxicity OR rule: held-out F1 {summary['classifier_f1']:.3f}")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "classifier.png", dpi=120)
+    atomic_write_with(out / "classifier.png", lambda path: fig.savefig(path, dpi=120))
     plt.close(fig)
 
     red = summary["redundancy"]
@@ -220,5 +218,5 @@ def write_outputs(out: Path, summary: dict) -> None:
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.xaxis.set_minor_formatter(NullFormatter())
     fig.tight_layout()
-    fig.savefig(out / "redundancy.png", dpi=120)
+    atomic_write_with(out / "redundancy.png", lambda path: fig.savefig(path, dpi=120))
     plt.close(fig)

@@ -10,20 +10,15 @@ from torch import Tensor, nn
 from ._common import QwenHookedConfig, expert_weights, gated_mlp_weights
 from .components import HybridBlock, SharedExpertMoE
 from .qwen3_5 import convert_hybrid, hybrid_config, supports_fold_ln
+from .qwen3_moe import moe_fields
 
 HF_ARCHITECTURES: tuple[str, ...] = ("Qwen3_5MoeForCausalLM", "Qwen3_5MoeForConditionalGeneration")
 __all__ = ["HF_ARCHITECTURES", "convert_state_dict", "hooked_config", "make_block", "supports_fold_ln"]
 
 
 def hooked_config(hf_config) -> QwenHookedConfig:
-    return hybrid_config(
-        hf_config,
-        HF_ARCHITECTURES[0],
-        d_mlp=hf_config.moe_intermediate_size,
-        num_experts=hf_config.num_experts,
-        experts_per_token=hf_config.num_experts_per_tok,
-        norm_topk_prob=True,  # Qwen3.5-MoE always renormalises the top-k weights
-    )
+    # Qwen3.5-MoE always renormalises the top-k weights
+    return hybrid_config(hf_config, HF_ARCHITECTURES[0], **moe_fields(hf_config, norm_topk_prob=True))
 
 
 def make_block(cfg: QwenHookedConfig, block_index: int) -> HybridBlock:

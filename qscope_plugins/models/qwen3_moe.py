@@ -33,15 +33,18 @@ def is_sparse_layer(hf_text_config: dict, layer: int) -> bool:
     )
 
 
-def hooked_config(hf_config) -> QwenHookedConfig:
-    return base_config(
-        hf_config,
-        HF_ARCHITECTURES[0],
+def moe_fields(hf_config, norm_topk_prob: bool) -> dict:
+    """The MoE fields of a hooked config: expert width, experts, experts per token, top-k renormalisation."""
+    return dict(
         d_mlp=hf_config.moe_intermediate_size,
         num_experts=hf_config.num_experts,
         experts_per_token=hf_config.num_experts_per_tok,
-        norm_topk_prob=hf_config.norm_topk_prob,
+        norm_topk_prob=norm_topk_prob,
     )
+
+
+def hooked_config(hf_config) -> QwenHookedConfig:
+    return base_config(hf_config, HF_ARCHITECTURES[0], **moe_fields(hf_config, hf_config.norm_topk_prob))
 
 
 def make_block(cfg: QwenHookedConfig, block_index: int):

@@ -24,7 +24,7 @@ import scipy.sparse as sp
 import torch
 from scipy.optimize import minimize
 
-from .footprint_store import atomic_write
+from .._io import write_json
 
 FORMAT = "qscope-feature-classifier"
 VERSION = 1
@@ -169,7 +169,7 @@ class FeatureClassifier:
 
     def save(self, path: str | Path) -> Path:
         """Write the JSON atomically (a temporary file, then a rename)."""
-        return atomic_write(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        return write_json(path, self.to_dict(), indent=2)
 
     @classmethod
     def load(cls, path: str | Path) -> FeatureClassifier:

@@ -14,7 +14,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..backends import Backend, Intervention, Sampling
-from .capture import pooled_codes, sae_widths
+from ..distributed import SINGLE, World
+from .capture import pooled_batches, pooled_codes, sae_widths, tokenize
 from .classifier import FeatureClassifier
 from .pooling import pool_codes
 
@@ -27,11 +28,27 @@ def example_activations(
     skip_first_token: bool = True,
     batch_size: int = 8,
     progress: bool = False,
+    world: World = SINGLE,
 ) -> dict[int, sp.csr_array]:
-    """``{layer: texts x d_sae}`` max activation of each feature over each text's tokens (Eq. 13's input)."""
-    return pooled_codes(
-        backend, saes, texts, mode="max", skip_first_token=skip_first_token, batch_size=batch_size, progress=progress
-    )
+    """``{layer: texts x d_sae}`` max activation of each feature over each text's tokens (Eq. 13's input).
+
+    With a data-parallel ``world`` (:mod:`qscope_plugins.distributed`) each rank encodes its share of the
+    batches (the same rows per forward pass as one process) and every rank gets the whole, identical result.
+    """
+    options = dict(mode="max", skip_first_token=skip_first_token, batch_size=batch_size)
+    if not world.parallel:
+        return pooled_codes(backend, saes, texts, progress=progress, **options)
+    rows = tokenize(backend, texts)
+    starts = list(range(0, len(rows), batch_size))
+    error, mine = None, {}
+    try:
+        for start in world.share(starts):
+            mine[start] = next(pooled_batches(backend, saes, rows[start : start + batch_size], **options))
+    except Exception as err:
+        error = err
+    world.all_ok(error)
+    parts = {start: pooled for shard in world.gather(mine) for start, pooled in shard.items()}
+    return {layer: sp.vstack([parts[s][layer] for s in starts], format="csr") for layer in saes}
 
 
 def _saes_for(backend: Backend, classifier: FeatureClassifier, saes: Mapping[int, object]) -> dict[int, object]:

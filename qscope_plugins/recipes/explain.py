@@ -25,7 +25,7 @@ from typing import Protocol
 
 from .feature_index import FeatureIndex
 from .feature_pages import Context, feature_page, random_contexts
-from .footprint_store import atomic_write
+from .._io import write_json
 
 PROMPT_VERSION = "qscope-explain-1"
 
@@ -173,7 +173,7 @@ def explain_feature(index: FeatureIndex, layer: int, feature: int, explainer: Ex
     if save:
         path = index.explanation_path(layer, feature)
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, json.dumps(record, indent=1, ensure_ascii=False) + "\n")
+        write_json(path, record, ensure_ascii=False)
     return record
 
 

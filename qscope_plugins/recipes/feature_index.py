@@ -19,6 +19,7 @@ archives hold no pickled objects and each final file's sha256 is checked on load
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -29,9 +30,9 @@ import numpy as np
 import torch
 
 from ..backends import Backend
+from ..distributed import SINGLE, World
 from .capture import context_limit, sae_widths
-from .._io import atomic_write, clean_leftovers, output_lock, remove_tree
-from .footprint_store import load_npz, npz_bytes
+from .._io import atomic_write, clean_leftovers, load_npz, npz_bytes, output_lock, remove_tree, write_json
 
 FORMAT = "qscope-feature-index"
 VERSION = 1
@@ -237,7 +238,7 @@ class FeatureIndex:
 def _write_meta(directory: Path, config: IndexConfig, completed: int, complete: bool, files: Mapping, extra: Mapping):
     meta = {"format": FORMAT, "version": VERSION, "config": config.to_dict(), "completed_batches": completed,
             "complete": complete, "files": dict(files), **extra}
-    atomic_write(directory / "meta.json", json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    write_json(directory / "meta.json", meta, sort_keys=True)
 
 
 def _write_npz(directory: Path, name: str, arrays: Mapping[str, np.ndarray], files: dict) -> None:
@@ -259,11 +260,14 @@ def build_index(
     batch_size: int = 16,
     extra: Mapping | None = None,
     progress: bool = False,
+    world: World = SINGLE,
 ) -> FeatureIndex:
     """Index ``texts`` at every layer of ``saes`` (``{layer: QwenScopeSAE}``) into ``out``; resumes.
 
     ``extra`` is provenance stored in ``meta.json`` (e.g. the data source, Neuronpedia ids). An
-    existing index in ``out`` built from another configuration is an error, never overwritten.
+    existing index in ``out`` built from another configuration is an error, never overwritten. With a
+    data-parallel ``world`` every rank calls this alike and the batches are shared out
+    (:mod:`qscope_plugins.distributed`); the index has the same bytes whatever the number of ranks.
     """
     widths = sae_widths(backend, saes)
     if len(set(widths.values())) != 1:
@@ -277,47 +281,107 @@ def build_index(
                          int(next(iter(saes.values())).cfg.k), len(texts), int(tokens.size),
                          _data_hash(tokens, offsets), skip_first_token, max_tokens, batch_size)
     directory = Path(out)
+    extra = {"provenance": dict(extra or {}), "truncated_docs": n_cut}
+    rows = [tokens[offsets[i] : offsets[i + 1]].tolist() for i in range(len(texts))]
+    if world.parallel:
+        return _build_sharded(world, backend, saes, rows, tokens, offsets, config, directory, extra, progress)
     with output_lock(directory, what="feature index"):
-        clean_leftovers(directory)
-        clean_leftovers(directory / "partial")
-        extra = {"provenance": dict(extra or {}), "truncated_docs": n_cut}
-        if (directory / "meta.json").exists():
-            stored = FeatureIndex(directory)
-            if stored.config != config:
-                changed = [f.name for f in fields(config) if getattr(stored.config, f.name) != getattr(config, f.name)]
-                raise ValueError(f"{directory} holds an index built with a different {', '.join(changed)}; "
-                                 "use another --output-dir")
-            if stored.meta["complete"]:
-                remove_tree(directory / "partial")  # a run killed after its last meta write
-                return FeatureIndex.open(directory)
-            completed, files = int(stored.meta["completed_batches"]), dict(stored.meta["files"])
-        elif directory.exists() and (not directory.is_dir() or not _only_first_writes(directory)):
-            raise ValueError(f"{directory} exists and is not a feature index; use an empty or new --output-dir")
-        else:
-            for leftover in directory.iterdir() if directory.is_dir() else ():  # a run killed before its first meta.json
-                remove_tree(leftover) if leftover.is_dir() else leftover.unlink()
-            # computed before anything is written: a failure leaves no output
-            effects = {f"l{n}_{key}": value for n in layers for key, value in feature_effects(saes[n], backend.logits).items()}
-            vocab = json.dumps(vocab_hex(backend.tokenizer))
-            (directory / "partial").mkdir(parents=True, exist_ok=True)
-            completed, files = 0, {}
-            _write_npz(directory, "tokens.npz", {"tokens": tokens, "offsets": offsets}, files)
-            atomic_write(directory / "vocab.json", vocab)
-            files["vocab.json"] = hashlib.sha256(vocab.encode()).hexdigest()
-            _write_npz(directory, "effects.npz", effects, files)
-            _write_meta(directory, config, 0, False, files, extra)
-
-        rows = [tokens[offsets[i] : offsets[i + 1]].tolist() for i in range(len(texts))]
+        state = _prepare(backend, saes, tokens, offsets, config, directory, extra)
+        if state is None:
+            return FeatureIndex.open(directory)
+        completed, files = state
+        while completed < config.n_batches and _batch_path(directory, completed).is_file():
+            completed += 1  # written by the ranks of a data-parallel run: done (atomic files), counted below
         from tqdm.auto import tqdm
 
         for b in tqdm(range(completed, config.n_batches), desc="indexing", unit="batch", disable=not progress):
             _index_batch(backend, saes, rows, offsets, config, b, directory)
             _write_meta(directory, config, b + 1, False, files, extra)
-        for n in layers:
-            _write_npz(directory, f"layer{n}.npz", _join_layer(directory, config, n), files)
-        _write_meta(directory, config, config.n_batches, True, files, extra)
-        remove_tree(directory / "partial")
+        _finish(directory, config, files, extra)
         return FeatureIndex.open(directory)
+
+
+def _prepare(backend, saes, tokens, offsets, config: IndexConfig, directory: Path, extra: Mapping):
+    """Under the lock: clean up, check or start the index; ``(completed batches, files)`` or ``None``
+    when the index is already complete."""
+    clean_leftovers(directory)
+    clean_leftovers(directory / "partial")
+    if (directory / "meta.json").exists():
+        stored = FeatureIndex(directory)
+        if stored.config != config:
+            changed = [f.name for f in fields(config) if getattr(stored.config, f.name) != getattr(config, f.name)]
+            raise ValueError(f"{directory} holds an index built with a different {', '.join(changed)}; "
+                             "use another --output-dir")
+        if stored.meta["complete"]:
+            remove_tree(directory / "partial")  # a run killed after its last meta write
+            return None
+        return int(stored.meta["completed_batches"]), dict(stored.meta["files"])
+    if directory.exists() and (not directory.is_dir() or not _only_first_writes(directory)):
+        raise ValueError(f"{directory} exists and is not a feature index; use an empty or new --output-dir")
+    for leftover in directory.iterdir() if directory.is_dir() else ():  # a run killed before its first meta.json
+        remove_tree(leftover) if leftover.is_dir() else leftover.unlink()
+    layers = config.layers
+    # computed before anything is written: a failure leaves no output
+    effects = {f"l{n}_{key}": value for n in layers for key, value in feature_effects(saes[n], backend.logits).items()}
+    vocab = json.dumps(vocab_hex(backend.tokenizer))
+    (directory / "partial").mkdir(parents=True, exist_ok=True)
+    files: dict[str, str] = {}
+    _write_npz(directory, "tokens.npz", {"tokens": tokens, "offsets": offsets}, files)
+    atomic_write(directory / "vocab.json", vocab)
+    files["vocab.json"] = hashlib.sha256(vocab.encode()).hexdigest()
+    _write_npz(directory, "effects.npz", effects, files)
+    _write_meta(directory, config, 0, False, files, extra)
+    return 0, files
+
+
+def _finish(directory: Path, config: IndexConfig, files: dict, extra: Mapping) -> None:
+    for n in config.layers:
+        _write_npz(directory, f"layer{n}.npz", _join_layer(directory, config, n), files)
+    _write_meta(directory, config, config.n_batches, True, files, extra)
+    remove_tree(directory / "partial")
+
+
+def _batch_path(directory: Path, b: int) -> Path:
+    return directory / "partial" / f"batch{b:06d}.npz"
+
+
+def _build_sharded(world: World, backend, saes, rows, tokens, offsets, config: IndexConfig, directory: Path,
+                   extra: Mapping, progress: bool) -> FeatureIndex:
+    """The data-parallel build: rank 0 holds the lock, checks or starts the index; every rank writes
+    its share of the batch files (a batch is done once its file exists); rank 0 merges as a single
+    process finishes, so the index has the same bytes whatever the number of ranks."""
+    world.agree("index", {**config.to_dict(), **extra})
+    with contextlib.ExitStack() as stack:
+
+        def setup():
+            stack.enter_context(output_lock(directory, what="feature index"))
+            state = _prepare(backend, saes, tokens, offsets, config, directory, extra)
+            if state is None:
+                return None
+            return [b for b in range(state[0], config.n_batches) if not _batch_path(directory, b).is_file()]
+
+        undone = world.main_first(setup)
+        error = None
+        try:
+            from tqdm.auto import tqdm
+
+            for b in tqdm(world.share(undone or []), desc="indexing", unit="batch", disable=not (progress and world.is_main)):
+                _index_batch(backend, saes, rows, offsets, config, b, directory)
+        except Exception as err:
+            error = err
+        world.all_ok(error)
+
+        def merge() -> None:
+            if undone is None:
+                return
+            meta = FeatureIndex(directory).meta
+            missing = [b for b in range(meta["completed_batches"], config.n_batches) if not _batch_path(directory, b).is_file()]
+            if missing:
+                raise RuntimeError(f"batches {missing[:5]} of the index were not written; rerun the command")
+            _finish(directory, config, dict(meta["files"]), extra)
+
+        world.main_first(merge)
+    return FeatureIndex.open(directory)
 
 
 @torch.no_grad()
@@ -339,7 +403,7 @@ def _index_batch(backend, saes, rows, offsets, config: IndexConfig, b: int, dire
             arrays[f"l{n}_token"] = where.unsqueeze(1).expand_as(ids)[keep].numpy().astype(np.int64)
             arrays[f"l{n}_feature"] = ids[keep].numpy().astype(np.int32)
             arrays[f"l{n}_value"] = values[keep].numpy().astype(np.float32)
-    atomic_write(directory / "partial" / f"batch{b:06d}.npz", npz_bytes(arrays))
+    atomic_write(_batch_path(directory, b), npz_bytes(arrays), sweep=False)  # ranks share partial/
 
 
 _FIRST_WRITES = {"partial", "tokens.npz", "vocab.json", "effects.npz"}

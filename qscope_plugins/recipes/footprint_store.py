@@ -16,10 +16,7 @@ marks a batch done, how a resume reconciles leftovers, the lock) is in docs/stor
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 import re
-import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
@@ -27,16 +24,14 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from .._io import TMP_SUFFIX, DamagedFileError, atomic_write, clean_leftovers, read_json, remove_tree
+from .._io import TMP_SUFFIX, DamagedFileError, atomic_write, clean_leftovers, load_npz, npz_bytes, read_json, remove_tree, write_json
 
-__all__ = ["FootprintConfig", "FootprintStore", "Footprints", "atomic_write", "content_hash", "load_npz", "npz_bytes",
-           "open_stores"]
+__all__ = ["FootprintConfig", "FootprintStore", "Footprints", "content_hash", "open_stores"]
 
 FORMAT = "qscope-footprints"
 VERSION = 1
 POSITIONS = ("last", "any", "all")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
 
 def content_hash(text: str) -> str:
@@ -44,32 +39,9 @@ def content_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
-    """A deterministic ``.npz`` (``np.load`` reads it): sorted entries, fixed timestamps, deflate."""
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for name in sorted(arrays):
-            payload = io.BytesIO()
-            np.lib.format.write_array(payload, np.ascontiguousarray(arrays[name]), allow_pickle=False)
-            info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_TIME)
-            info.compress_type = zipfile.ZIP_DEFLATED
-            archive.writestr(info, payload.getvalue())
-    return buffer.getvalue()
-
-
 def _recovery(directory: Path) -> str:
     return (f"recover by rerunning with --overwrite (qscope footprint ... --overwrite, or overwrite=True), "
             f"which recomputes {directory.name} from scratch")
-
-
-def load_npz(path: Path, recovery: str) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            return {name: archive[name] for name in archive.files}
-    except FileNotFoundError:
-        raise DamagedFileError(path, "missing", recovery) from None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        raise DamagedFileError(path, f"not a readable .npz: {err}", recovery) from None
 
 
 @dataclass(frozen=True)
@@ -213,6 +185,13 @@ class FootprintStore:
         feature is active (values are token counts for ``position="all"``, otherwise ignored)."""
         if batch != self.completed:
             raise ValueError(f"expected batch {self.completed} next, got batch {batch}")
+        self.write_batch_files(batch, rows)
+        self.completed += 1
+        self._write_meta({})
+
+    def write_batch_files(self, batch: int, rows: Mapping[int, sp.sparray]) -> None:
+        """Batch ``batch``'s layer files only (atomic; ``meta.json`` untouched). A data-parallel rank
+        writes its batches so; such a batch is done once every layer file exists (:meth:`batch_done`)."""
         span = self.config.batch_slice(batch)
         if set(rows) != set(self.config.layers):
             raise ValueError(f"batch {batch} has layers {sorted(rows)}, expected {sorted(self.config.layers)}")
@@ -224,8 +203,31 @@ class FootprintStore:
                     f"expected {(span.stop - span.start, self.config.d_sae)}"
                 )
             atomic_write(self._batch_path(batch, layer), npz_bytes(self._arrays(matrix)), sweep=False)
-        self.completed += 1
-        self._write_meta({})
+
+    # ---- data-parallel runs (qscope_plugins.distributed) ------------------------------------------
+    @classmethod
+    def attach(cls, root: str | Path, config: FootprintConfig) -> FootprintStore:
+        """The store another rank set up, for writing batch files only (reads and writes nothing now)."""
+        store = cls.__new__(cls)
+        store.config, store.directory = config, Path(root) / config.benchmark
+        store.meta_path = store.directory / "meta.json"
+        store.completed, store.complete = 0, False
+        return store
+
+    def batch_done(self, batch: int) -> bool:
+        """Counted in ``meta.json``, or every layer file of the batch is in ``partial/`` (atomic writes:
+        a file that exists is whole)."""
+        return batch < self.completed or all(self._batch_path(batch, n).is_file() for n in self.config.layers)
+
+    def undone(self) -> list[int]:
+        """Batches still to compute, in order (a finished store has none)."""
+        return [] if self.complete else [b for b in self.pending() if not self.batch_done(b)]
+
+    def count_done(self) -> None:
+        """Count the leading batches whose files exist as completed (in memory; the next ``meta.json``
+        write records them), so a run resumes after batches another run's ranks wrote."""
+        while not self.complete and self.completed < self.config.n_batches and self.batch_done(self.completed):
+            self.completed += 1
 
     def _arrays(self, matrix: sp.csr_array) -> dict[str, np.ndarray]:
         matrix = matrix.copy()
@@ -267,7 +269,7 @@ class FootprintStore:
             "complete": self.complete,
             "files": dict(files),
         }
-        atomic_write(self.meta_path, json.dumps(meta, indent=1, sort_keys=True) + "\n", sweep=False)
+        write_json(self.meta_path, meta, sort_keys=True, sweep=False)
 
     # ---- reading -------------------------------------------------------------------------------
     @staticmethod

@@ -7,6 +7,7 @@ their fields, so ``"Question: {question}\\nAnswer:"`` works on JSONL records or 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 from collections.abc import Iterable, Mapping, Sequence
@@ -14,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .._io import output_lock
+from .._io import jsonl_values, output_lock
 from ..backends import Backend
+from ..distributed import SINGLE, World
 from .capture import pooled_batches, sae_widths, tokenize
 from .footprint_store import FootprintConfig, FootprintStore, content_hash
 
@@ -26,13 +28,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
     """Records of a JSONL file (one JSON object per non-blank line)."""
     path = Path(path)
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+    for number, record in jsonl_values(path):
         if not isinstance(record, dict):
             raise ValueError(f"{path}:{number}: expected a JSON object")
         records.append(record)
@@ -83,12 +79,17 @@ def extract_footprints(
     model: str | None = None,
     sae_source: str | None = None,
     sae_revision: str | None = None,
+    world: World = SINGLE,
 ) -> FootprintStore:
     """Compute (or resume) ``benchmark``'s footprints at every layer of ``saes`` and return the finished store.
 
     All layers come from one forward pass per batch. Provenance defaults to the backend's model name and
     the SAEs' recorded source and revision. A run stopped at any point resumes from its last completed
     batch when called again with the same arguments, and ends with the same bytes on disk.
+
+    With a data-parallel ``world`` (:mod:`qscope_plugins.distributed`) every rank calls this with the same
+    arguments: rank 0 sets the store up and merges it, each rank computes its share of the batches (the
+    same bytes as a single process, whatever the number of ranks; see docs/scaling.md).
     """
     if position not in _MODE:
         raise ValueError(f"position must be one of {', '.join(_MODE)}, got {position!r}")
@@ -111,12 +112,60 @@ def extract_footprints(
         skip_first_token=skip_first_token,
         batch_size=batch_size,
     )
+    if world.parallel:
+        return _extract_sharded(world, config, backend, saes, prompts, root, overwrite, progress)
     with output_lock(Path(root) / benchmark, what="footprint store"):
         store = FootprintStore(root, config, overwrite=overwrite)
         store.reconcile()
+        store.count_done()
         _fill(store, backend, saes, prompts, position, skip_first_token, batch_size, progress, benchmark)
         store.finalize()
     return store
+
+
+def _extract_sharded(world: World, config: FootprintConfig, backend, saes, prompts, root, overwrite, progress):
+    """The data-parallel run: rank 0 holds the lock and sets up; every rank writes its batches' files;
+    rank 0 checks that every batch is done and merges (the single-process finish, so the same bytes)."""
+    world.agree("footprint", {**config.to_dict(), "overwrite": overwrite})
+    with contextlib.ExitStack() as stack:
+
+        def setup() -> list[int]:
+            stack.enter_context(output_lock(Path(root) / config.benchmark, what="footprint store"))
+            store = FootprintStore(root, config, overwrite=overwrite)
+            store.reconcile()
+            return store.undone()
+
+        undone = world.main_first(setup)
+        store = FootprintStore.attach(root, config)
+        error = None
+        try:
+            mine = world.share(undone)
+            rows = tokenize(backend, prompts)
+            for batch, pooled in zip(mine, _batches_of(backend, saes, rows, mine, config, progress and world.is_main)):
+                store.write_batch_files(batch, pooled)
+        except Exception as err:
+            error = err
+        world.all_ok(error)
+
+        def merge() -> None:
+            merged = FootprintStore(root, config)
+            merged.count_done()
+            missing = merged.undone()
+            if missing:
+                raise RuntimeError(f"batches {missing[:5]} of {config.benchmark} were not written; rerun the command")
+            merged.finalize()
+
+        world.main_first(merge)
+    return FootprintStore.open(root, config.benchmark)
+
+
+def _batches_of(backend, saes, rows, batches, config: FootprintConfig, progress: bool):
+    """Pooled codes of the given batches, each computed exactly as in a single-process run (same rows per
+    forward pass): the batches' rows are streamed in order, and only the last batch may be short."""
+    chosen = [i for b in batches for i in range(*config.batch_slice(b).indices(config.n_samples))]
+    return pooled_batches(backend, saes, [rows[i] for i in chosen], mode=_MODE[config.position],
+                          skip_first_token=config.skip_first_token, batch_size=config.batch_size,
+                          progress=progress, desc=config.benchmark)
 
 
 def _fill(store, backend, saes, prompts, position, skip_first_token, batch_size, progress, benchmark) -> None:

@@ -125,6 +125,20 @@ class _Statistics:
             best = sums.topk(min(self.top_n, sums.shape[1]), dim=-1)
             self.top += [ids[vals > 0].tolist() for vals, ids in zip(best.values, best.indices)]
 
+    def merge(self, other: _Statistics) -> None:
+        """Add ``other``'s batches after this one's: the same operations, in the same order, as adding
+        those batches here (so a data-parallel fold in batch order is bit-identical)."""
+        mine, theirs = self.variance, other.variance
+        if theirs.sum_x is not None:
+            mine.sum_x = theirs.sum_x if mine.sum_x is None else mine.sum_x + theirs.sum_x
+        mine.sum_squared_norm += theirs.sum_squared_norm
+        mine.sum_squared_residual += theirs.sum_squared_residual
+        mine.num_samples += theirs.num_samples
+        self.fires += other.fires
+        self.cosine += other.cosine
+        self.l0 += other.l0
+        self.top += other.top
+
     def result(self, layer: int, dense_threshold: float) -> LayerEval:
         n = self.variance.num_samples
         if n == 0:
@@ -157,6 +171,10 @@ class _Loss:
         keep = Backend.loss_mask(rb.batch, skip_first)
         self.total += ce[keep].sum().item()
         self.count += int(keep.sum())
+
+    def merge(self, other: _Loss) -> None:
+        self.total += other.total
+        self.count += other.count
 
     @property
     def mean(self) -> float:
@@ -193,12 +211,19 @@ def evaluate_sae(
     dense_threshold: float = DENSE_THRESHOLD,
     top_n: int = 0,
     progress: bool = False,
+    world=None,
+    _sums: bool = False,
 ) -> dict[int, LayerEval]:
     """Evaluate ``saes`` (``{layer: QwenScopeSAE}``) on ``prompts``; ``{layer: LayerEval}``.
 
     ``max_length`` truncates each text to that many tokens; ``top_n`` > 0 also records each text's
-    ``top_n`` features (see :func:`compare_checkpoints`).
+    ``top_n`` features (see :func:`compare_checkpoints`). A data-parallel ``world``
+    (:mod:`qscope_plugins.distributed`) shares the batches out: see :func:`evaluate_sae_sharded`.
     """
+    if world is not None and world.parallel:
+        return evaluate_sae_sharded(backend, saes, prompts, world=world, skip_first_token=skip_first_token,
+                                    compute_loss=compute_loss, batch_size=batch_size, max_length=max_length,
+                                    dense_threshold=dense_threshold, top_n=top_n, progress=progress)
     if not saes:
         raise ValueError("no SAEs to evaluate")
     for layer, sae in saes.items():
@@ -237,17 +262,53 @@ def evaluate_sae(
             for name, fn in edits.items():
                 spliced = backend.token_losses(chunk, interventions=[Intervention(layer, fn=fn)], batch_size=len(chunk))
                 losses[f"{layer}/{name}"].add(*next(spliced), skip_first_token)
+    return (stats, losses) if _sums else _results(stats, losses, dense_threshold)
+
+
+def _results(stats: Mapping[int, _Statistics], losses: Mapping[str, _Loss], dense_threshold: float) -> dict[int, LayerEval]:
     results = {}
     for layer, stat in stats.items():
         result = stat.result(layer, dense_threshold)
-        if with_loss:
+        names = [key.split("/", 1)[1] for key in losses if key.startswith(f"{layer}/")]
+        if names:
             result.ce_loss_clean = losses["clean"].mean
-            for name in splices[layer]:
+            for name in names:
                 setattr(result, name, losses[f"{layer}/{name}"].mean)
             gap = result.ce_loss_with_ablation - result.ce_loss_clean
             result.ce_loss_recovered = (result.ce_loss_with_ablation - result.ce_loss_with_sae) / gap if gap else math.nan
         results[layer] = result
     return results
+
+
+def evaluate_sae_sharded(backend: Backend, saes: Mapping[int, object], prompts: Prompts, *, world, batch_size: int = 8,
+                         max_length: int | None = None, dense_threshold: float = DENSE_THRESHOLD, progress: bool = False,
+                         **kwargs) -> dict[int, LayerEval]:
+    """:func:`evaluate_sae` with the batches shared out over the ranks of ``world``.
+
+    Each rank evaluates its batches (the same rows per forward pass as a single process) into per-batch
+    sums; every rank then folds all batches' sums in batch order, which repeats the single-process
+    additions exactly: integer counts and float64 sums, hence metrics bit-identical to one process."""
+    rows = backend.encode(prompts)
+    if max_length is not None:
+        rows = [row[:max_length] for row in rows]
+    starts = list(range(0, len(rows), batch_size))
+    error, mine = None, {}
+    try:
+        for start in world.share(starts):
+            mine[start] = evaluate_sae(backend, saes, rows[start : start + batch_size], batch_size=batch_size,
+                                       max_length=max_length, dense_threshold=dense_threshold, _sums=True, **kwargs)
+    except Exception as err:
+        error = err
+    world.all_ok(error)
+    parts = {start: sums for shard in world.gather(mine) for start, sums in shard.items()}
+    stats, losses = parts[starts[0]]
+    for start in starts[1:]:
+        more_stats, more_losses = parts[start]
+        for layer, stat in stats.items():
+            stat.merge(more_stats[layer])
+        for name, loss in losses.items():
+            loss.merge(more_losses[name])
+    return _results(stats, losses, dense_threshold)
 
 
 def jaccard(a: Sequence[int], b: Sequence[int]) -> float:

@@ -33,7 +33,7 @@ from transformers import Trainer
 
 from ..backends import Backend, as_backend
 from .capture import tokenize
-from .footprint_store import atomic_write
+from .._io import write_json
 
 IGNORE_INDEX = -100
 
@@ -82,7 +82,7 @@ class LanguageBaselines:
                            for n in sorted(self.features)}}
 
     def save(self, path: str | Path) -> Path:
-        return atomic_write(path, json.dumps(self.to_dict(), indent=1))
+        return write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> LanguageBaselines:

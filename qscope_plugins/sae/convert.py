@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .._io import atomic_write_with, clean_leftovers, make_temp_dir, output_lock, replace_dir
+from .._io import atomic_write_with, clean_leftovers, make_temp_dir, output_lock, replace_dir, write_json
 from .loading import CONVERTED_CONFIG, CONVERTED_WEIGHTS, load_sae, resolve
 
 FORMAT_VERSION = 1
@@ -115,8 +115,7 @@ def _convert_layer(source, layer, dst: Path, *, dtype, revision, k) -> bool:
             "source_sha256": source_sha,
             "weights_sha256": sha256_file(tmp / CONVERTED_WEIGHTS),
         }
-        text = json.dumps(cfg, indent=2, default=str)
-        atomic_write_with(tmp / CONVERTED_CONFIG, lambda path: path.write_text(text))
+        write_json(tmp / CONVERTED_CONFIG, cfg, indent=2, default=str)
         replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -87,12 +88,20 @@ _LINEAR_ATTN = dict(
     linear_num_key_heads=2,
     linear_num_value_heads=4,
 )
-_ARCH_KWARGS = {
-    "Qwen3ForCausalLM": {},
-    "Qwen3MoeForCausalLM": {**_MOE, "norm_topk_prob": True},
-    "Qwen3_5ForCausalLM": _LINEAR_ATTN,
-    "Qwen3_5MoeForCausalLM": {**_LINEAR_ATTN, **_MOE, "shared_expert_intermediate_size": 48},
-}
+
+
+def arch_fields(arch: str, *, moe: Mapping, linear: Mapping, shared_expert: int) -> dict:
+    """The config fields of ``arch`` beyond the dense ones, from its sizes of the MoE block (``num_experts``,
+    ``num_experts_per_tok``, ``moe_intermediate_size``), the linear attention and the shared expert."""
+    _check_arch(arch)
+    return {
+        "Qwen3ForCausalLM": {},
+        "Qwen3MoeForCausalLM": {**moe, "norm_topk_prob": True},
+        "Qwen3_5ForCausalLM": dict(linear),
+        "Qwen3_5MoeForCausalLM": {**linear, **moe, "shared_expert_intermediate_size": shared_expert},
+    }[arch]
+
+
 _VISION = dict(
     depth=1,
     hidden_size=32,
@@ -122,7 +131,7 @@ def tiny_config(arch: str, **overrides) -> PretrainedConfig:
     published configs of ``arch`` lack are left out too (see :mod:`.published_configs`).
     """
     _check_arch(arch)
-    kwargs = {**_COMMON, **_ARCH_KWARGS[arch], **overrides}
+    kwargs = {**_COMMON, **arch_fields(arch, moe=_MOE, linear=_LINEAR_ATTN, shared_expert=48), **overrides}
     for name in _ARCH_ABSENT.get(arch, ()):
         if name not in overrides:
             kwargs.pop(name, None)

@@ -13,6 +13,11 @@ import triton
 from ._triton import interpreting
 
 
+def tile_configs(block_names: tuple[str, str], shapes: list[tuple[int, int, int]]) -> list[triton.Config]:
+    """The autotuner's candidates: one config per ``(rows, columns, num_warps)``, tiles named ``block_names``."""
+    return [triton.Config(dict(zip(block_names, (m, n))), num_warps=w) for m, n, w in shapes]
+
+
 def launch_2d(
     kernel: Any, tuned: Any, extent: tuple[int, int], block_names: tuple[str, str],
     interpreter_blocks: dict[str, int], *args: Any, **constexprs: Any,

@@ -12,12 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import launch_2d
+from ._launch import launch_2d, tile_configs
 
-_CONFIGS = [
-    triton.Config({"BLOCK_M": m, "BLOCK_D": d}, num_warps=w)
-    for m, d, w in [(8, 256, 4), (16, 256, 4), (16, 512, 8), (32, 128, 4), (32, 256, 8)]
-]
+_CONFIGS = tile_configs(("BLOCK_M", "BLOCK_D"), [(8, 256, 4), (16, 256, 4), (16, 512, 8), (32, 128, 4), (32, 256, 8)])
 _INTERPRETER_BLOCK = {"BLOCK_M": 16, "BLOCK_D": 64}
 
 

@@ -11,12 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import launch_2d
+from ._launch import launch_2d, tile_configs
 
-_CONFIGS = [
-    triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w)
-    for m, n, w in [(1, 2048, 4), (2, 1024, 4), (4, 1024, 8), (4, 2048, 8), (8, 512, 4)]
-]
+_CONFIGS = tile_configs(("BLOCK_M", "BLOCK_N"), [(1, 2048, 4), (2, 1024, 4), (4, 1024, 8), (4, 2048, 8), (8, 512, 4)])
 #: Interpreter runs are sequential Python; big tiles mean few programs.
 _INTERPRETER_BLOCK = {"BLOCK_M": 16, "BLOCK_N": 256}
 
