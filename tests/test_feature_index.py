@@ -126,12 +126,10 @@ def test_feature_page_contexts_histogram_and_quantiles(index):
 
 @torch.no_grad()
 def test_logit_effects_and_neighbours_match_the_decoder(index):
-    from qscope_plugins.recipes.sae_eval import output_head
-
     backend, saes, _ = nano()
     layer, feature = LANGUAGE_FEATURE
     W = saes[layer].W_dec.float()
-    logits = output_head(backend)(W[feature][None, None])[0, 0]
+    logits = backend.logits(W[feature][None, None])[0, 0]
     logits = logits - logits.mean()
     page = feature_page(index, layer, feature)
     assert [t for t, _ in page.logits_up] == logits.topk(10).indices.tolist()
@@ -191,10 +189,8 @@ def test_tokens_split_inside_a_character_display_exactly():
 
 def test_effects_do_not_depend_on_the_chunking():
     from qscope_plugins.recipes.feature_index import feature_effects
-    from qscope_plugins.recipes.sae_eval import output_head
-
     backend, saes, _ = nano()
-    head = output_head(backend)
+    head = backend.logits
     whole = feature_effects(saes[3], head)
     small = feature_effects(saes[3], head, budget=3 * 1024)  # 3 features per chunk
     for key in whole:  # batched matmuls round differently, so near-ties may swap places in a row or two

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -75,6 +75,14 @@ class Backend(ABC):
         self, batch: Batch, interventions: Sequence[Intervention], max_new_tokens: int, sampling: Sampling
     ) -> Tensor:
         """Generate from a left-padded ``batch``; ``(B, <= max_new_tokens)`` new ids (anything after EOS is ignored)."""
+
+    def _unembed(self, hidden: Tensor) -> Tensor:
+        """The model's final norm, then its unembedding, on residuals ``(..., d_model)``."""
+        raise NotImplementedError(f"the {self.name} backend does not map residuals to logits")
+
+    def _watch(self, layer: int, fn: Callable[[Tensor], None]) -> Callable[[], None]:
+        """Call ``fn`` on layer ``layer``'s output in every forward of the model; returns the remover."""
+        raise NotImplementedError(f"the {self.name} backend cannot hook the model's own forward passes")
 
     # ---- shared plumbing -------------------------------------------------------------------
     @property
@@ -230,6 +238,85 @@ class Backend(ABC):
                 text = self.tokenizer.decode(ids, skip_special_tokens=True)
                 out.append(Generation(rows[batch.start + i], ids, text))
         return out
+
+    # ---- logits and loss -------------------------------------------------------------------
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Logits ``(..., vocab)`` from residuals ``(..., d_model)``: the model's final norm, then its unembedding.
+
+        On the last layer's output these are the model's own logits; on any other layer's output
+        they are the logit lens. Gradients flow (wrap the call in ``torch.no_grad()`` when reading).
+        """
+        if hidden.shape[-1] != self.d_model:
+            raise ValueError(f"residual has size {hidden.shape[-1]} but the model's d_model is {self.d_model}")
+        return self._unembed(hidden)
+
+    def token_losses(
+        self,
+        prompts: Prompts,
+        *,
+        layers: Sequence[int] = (),
+        interventions: Sequence[Intervention] = (),
+        batch_size: int = 8,
+        progress: bool = False,
+    ) -> Iterator[tuple[ResidualBatch, Tensor]]:
+        """Stream next-token cross-entropy batch by batch, with ``interventions`` applied.
+
+        Yields ``(residuals, ce)`` per right-padded batch: ``ce`` ``(B, T - 1)``, float32, holds
+        ``-log p(token t + 1 | tokens 0..t)`` of each row at column ``t`` (counted where
+        :meth:`loss_mask` is true); ``residuals`` holds the last layer and ``layers``, read in the
+        same forward pass. An intervention ``fn`` that replaces a layer's output splices e.g. an SAE
+        reconstruction into the model (SAELens's "CE loss with the SAE").
+        """
+        last = self.n_layers - 1
+        wanted = sorted({*(self.check_layer(n) for n in layers), last})
+        for rb in self.residuals(prompts, wanted, batch_size=batch_size, interventions=interventions,
+                                 progress=progress):
+            with torch.no_grad():
+                logits = self.logits(rb.hidden[last])
+                ce = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2),
+                                                       rb.batch.input_ids[:, 1:], reduction="none")
+            yield rb, ce
+
+    def loss(
+        self,
+        prompts: Prompts,
+        *,
+        interventions: Sequence[Intervention] = (),
+        skip_first_token: bool = False,
+        batch_size: int = 8,
+        progress: bool = False,
+    ) -> float:
+        """Mean next-token cross-entropy over the real tokens of ``prompts`` (see :meth:`token_losses`).
+
+        ``skip_first_token`` leaves out each text's first prediction (the token after the first).
+        NaN when no prediction is counted (every text is one token long).
+        """
+        total, count = 0.0, 0
+        for rb, ce in self.token_losses(prompts, interventions=interventions, batch_size=batch_size,
+                                        progress=progress):
+            keep = self.loss_mask(rb.batch, skip_first_token)
+            total += ce[keep].sum().item()
+            count += int(keep.sum())
+        return total / count if count else float("nan")
+
+    @staticmethod
+    def loss_mask(batch: Batch, skip_first_token: bool = False) -> Tensor:
+        """``(B, T - 1)`` bool: the predictions of :meth:`token_losses` that count (real targets;
+        with ``skip_first_token`` not each row's first). Right padding: a real target's source is real."""
+        keep = batch.attention_mask[:, 1:].bool()
+        if skip_first_token:
+            keep = keep.clone()
+            keep[:, 0] = False
+        return keep
+
+    def watch(self, layer: int, fn: Callable[[Tensor], None]) -> Callable[[], None]:
+        """Call ``fn(hidden)`` with layer ``layer``'s output ``(B, T, D)`` in every forward of the model.
+
+        Unlike :meth:`residuals` this sees the forward passes others run on the model (a
+        ``Trainer``'s), with gradients kept: the way to read a layer for a training loss. Returns a
+        function that removes the hook. ``fn``'s return value is ignored (it must not edit).
+        """
+        return self._watch(self.check_layer(layer), fn)
 
     def _trim(self, ids: list[int]) -> list[int]:
         """Cut at the first EOS (kept): what follows is padding from the batch's longer rows."""

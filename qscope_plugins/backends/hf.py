@@ -8,16 +8,32 @@ left-padded batch; the hooks edit each layer's output on the prefill call and on
 from __future__ import annotations
 
 import contextlib
+from functools import cached_property
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ..remote import Intervention, decoder_layers, layout
-from ..remote import decoder_layers as find_layers  # noqa: F401 (the name recipes import)
+from ..remote import Intervention, decoder_layers, final_norm, layout, unembedding
 from .base import Backend
 from .editing import Editor, StopForward, editors_by_layer, layer_functions
 from .types import Batch, Sampling
+
+
+def logit_head(model: nn.Module) -> Callable[[Tensor], Tensor]:
+    """Residual -> logits of an HF causal LM: its final norm, then its unembedding (the modules its
+    own forward ends with), found by the layout resolver."""
+    norm, head = final_norm(model), unembedding(model)
+    return lambda h: head(norm(h))
+
+
+def watch_module(module: nn.Module, fn: Callable[[Tensor], None]) -> Callable[[], None]:
+    """Call ``fn`` on ``module``'s output (a tensor, or the first of a tuple) in every forward; returns the remover."""
+
+    def hook(module, args, output) -> None:
+        fn(output[0] if isinstance(output, tuple) else output)
+
+    return module.register_forward_hook(hook).remove
 
 
 def _edit_output(edit: Callable[[Tensor], Tensor]):
@@ -37,17 +53,23 @@ class HFBackend(Backend):
     name = "hf"
 
     def __init__(self, model: nn.Module, tokenizer=None) -> None:
-        if tokenizer is None:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(model.config.name_or_path)
         self.model = model.eval()
-        self.tokenizer = tokenizer
+        self._tokenizer = tokenizer
         where = layout(model)  # the one resolver (also used by nnsight traces), checked against the config
         self.layers = decoder_layers(model, where)
         self.n_layers, self.d_model = where.n_layers, where.d_model
         self.device = next(model.parameters()).device
         self.model_name = model.config.name_or_path or None
+
+    @property
+    def tokenizer(self):
+        """The tokenizer given, else the model's own (``AutoTokenizer`` on its path), loaded when first used:
+        :meth:`watch` and :meth:`logits` need none."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model.config.name_or_path)
+        return self._tokenizer
 
     @classmethod
     def wraps(cls, obj: object) -> bool:
@@ -101,6 +123,16 @@ class HFBackend(Backend):
                 **hf_sampling_kwargs(sampling),
             )
         return out[:, batch.input_ids.shape[1] :]
+
+    @cached_property
+    def _head(self) -> Callable[[Tensor], Tensor]:
+        return logit_head(self.model)
+
+    def _unembed(self, hidden: Tensor) -> Tensor:
+        return self._head(hidden)
+
+    def _watch(self, layer: int, fn: Callable[[Tensor], None]) -> Callable[[], None]:
+        return watch_module(self.layers[layer], fn)
 
 
 def hf_sampling_kwargs(sampling: Sampling) -> dict:

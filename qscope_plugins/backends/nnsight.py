@@ -12,8 +12,9 @@ False there).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
+from functools import cached_property
 from typing import Any
 
 import nnsight
@@ -24,7 +25,7 @@ from torch import Tensor
 from .. import remote as trace_fns
 from ..remote import Intervention
 from .base import Backend
-from .hf import hf_sampling_kwargs
+from .hf import hf_sampling_kwargs, logit_head, watch_module
 from .types import Batch, Sampling
 
 
@@ -97,3 +98,21 @@ class NNsightBackend(Backend):
                 with tracer.invoke():
                     ids = tracer.result.save()
         return ids[:, batch.input_ids.shape[1] :]
+
+    def _local(self, what: str, *, forwards: bool = False) -> Any:
+        """The HF model nnsight wraps, for work done next to it rather than inside a trace: its
+        weights must be here (not on the meta device), and for ``forwards`` the traces must run here."""
+        module = self.model._module
+        if (forwards and not self.supports_functions) or next(module.parameters()).device.type == "meta":
+            raise ValueError(f"{what} needs the model in this process; this nnsight backend runs remotely")
+        return module
+
+    @cached_property
+    def _head(self) -> Callable[[Tensor], Tensor]:
+        return logit_head(self._local("mapping residuals to logits"))
+
+    def _unembed(self, hidden: Tensor) -> Tensor:
+        return self._head(hidden)
+
+    def _watch(self, layer: int, fn: Callable[[Tensor], None]) -> Callable[[], None]:
+        return watch_module(trace_fns.decoder_layers(self._local("hooking the model's forward", forwards=True))[layer], fn)

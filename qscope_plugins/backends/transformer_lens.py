@@ -12,6 +12,7 @@ mask stated explicitly.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -23,6 +24,7 @@ from ..remote import Intervention
 from .base import Backend
 from .editing import Editor, editors_by_layer, layer_functions
 from .types import Batch, Sampling
+from .hf import logit_head, watch_module
 
 
 def hook_name(layer: int) -> str:
@@ -125,4 +127,17 @@ class TransformerLensBackend(Backend):
                 break
             tokens, mask = step[:, None], torch.ones_like(step[:, None])
         return torch.stack(new, dim=1)
+
+    @cached_property
+    def _head(self) -> Callable[[Tensor], Tensor]:
+        if not self.bridge:
+            return lambda h: self.model.unembed(self.model.ln_final(h))
+        return logit_head(self.model.original_model)  # the HF modules the bridge runs
+
+    def _unembed(self, hidden: Tensor) -> Tensor:
+        return self._head(hidden)
+
+    def _watch(self, layer: int, fn: Callable[[Tensor], None]) -> Callable[[], None]:
+        # The hook point itself is a module (identity forward): a plain torch hook on it stays until removed.
+        return watch_module(self.model.hook_dict[hook_name(layer)], fn)
 

@@ -74,8 +74,6 @@ def _explained_variance(backend, saes, texts) -> list[float]:
 def run_demo(out: Path | None, *, sizes: DemoSizes = DemoSizes(), say: Callable[[str], None] = print,
              progress: bool = True) -> dict:
     """Run every step; write ``summary.json`` and PNG plots to ``out`` (unless ``None``); return the summary."""
-    from transformers import AutoModelForCausalLM
-
     from ..backends.nnsight import NNsightBackend
     from ..backends.transformer_lens import TransformerLensBackend
     from ..sae.loading import load_sae
@@ -88,11 +86,7 @@ def run_demo(out: Path | None, *, sizes: DemoSizes = DemoSizes(), say: Callable[
         f"SAEs W{manifest['sae']['d_sae']} k={manifest['sae']['k']}, build {manifest['config_hash'][:12]}")
     hooked = TransformerLensBackend.from_pretrained(model_dir, hooked=True)
     traced = NNsightBackend.from_pretrained(model_dir)
-    hf = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     saes = {n: load_sae(ASSETS / SAE_DIR, n, k=manifest["sae"]["k"]) for n in range(manifest["sae"]["layers"])}
-
-    def head(h: torch.Tensor) -> torch.Tensor:
-        return hf.lm_head(hf.model.norm(h))
 
     bar = _progress_factory(progress)
     say("1/4 SAE explained variance on held-out documents")
@@ -108,6 +102,7 @@ def run_demo(out: Path | None, *, sizes: DemoSizes = DemoSizes(), say: Callable[
     select_prompts = [p for p, _ in gen.switch_prompts(EVAL.switch_select, sizes.select_prompts)]
     select_texts = [d.text for d in gen.documents(EVAL.monolingual_select, sizes.select_texts, lang="A",
                                                    toxic=False, cues=False)]
+    head = traced.logits  # the final norm and unembedding of the model the loss is measured on
     chosen = choose_suppression(traced, saes, head, diffs, select_prompts, select_texts, progress=bar)
     prompts = gen.switch_prompts(EVAL.switch_prompts, sizes.prompts)
     texts = [d.text for d in gen.documents(EVAL.monolingual, sizes.monolingual, lang="A", toxic=False, cues=False)]

@@ -304,8 +304,6 @@ def build_index(
 def _prepare(backend, saes, tokens, offsets, config: IndexConfig, directory: Path, extra: Mapping):
     """Under the lock: clean up, check or start the index; ``(completed batches, files)`` or ``None``
     when the index is already complete."""
-    from .sae_eval import output_head
-
     clean_leftovers(directory)
     clean_leftovers(directory / "partial")
     if (directory / "meta.json").exists():
@@ -323,8 +321,8 @@ def _prepare(backend, saes, tokens, offsets, config: IndexConfig, directory: Pat
     for leftover in directory.iterdir() if directory.is_dir() else ():  # a run killed before its first meta.json
         remove_tree(leftover) if leftover.is_dir() else leftover.unlink()
     layers = config.layers
-    head = output_head(backend)  # computed before anything is written: a failure leaves no output
-    effects = {f"l{n}_{key}": value for n in layers for key, value in feature_effects(saes[n], head).items()}
+    # computed before anything is written: a failure leaves no output
+    effects = {f"l{n}_{key}": value for n in layers for key, value in feature_effects(saes[n], backend.logits).items()}
     vocab = json.dumps(vocab_hex(backend.tokenizer))
     (directory / "partial").mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {}

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ..backends import Backend, Generation, Intervention, Prompts, Sampling
+from ..backends import Backend, Generation, Intervention, Prompts, Sampling, as_backend
 
 SAMPLED = Sampling(do_sample=True)
 
@@ -116,14 +116,13 @@ def trl_rollout_func(
     times in a row, plain text or chat messages) and the trainer. It returns ``prompt_ids``,
     ``completion_ids``, ``logprobs=None`` (TRL then skips its sampling-log-prob correction) and a
     ``steered`` list that TRL forwards to the reward functions. Generation runs on the trainer's
-    own model through :class:`~qscope_plugins.backends.hf.HFBackend`; defaults come from the
+    own model through the backend :func:`~qscope_plugins.backends.as_backend` picks for it (an HF
+    model: :class:`~qscope_plugins.backends.hf.HFBackend`); defaults come from the
     trainer's ``max_completion_length``, ``temperature``, ``top_k`` and ``top_p``.
     """
     steering = _as_list(steering)
 
     def rollout(prompts: list, trainer) -> dict:
-        from ..backends.hf import HFBackend
-
         args, tokenizer = trainer.args, trainer.processing_class
         model = trainer.accelerator.unwrap_model(trainer.model)
         texts = [p if isinstance(p, str) else
@@ -131,7 +130,7 @@ def trl_rollout_func(
         was_training = model.training
         try:
             completions, mask = grouped_rollouts(
-                HFBackend(model, tokenizer), texts, steering, group_size=args.num_generations,
+                as_backend(model, tokenizer), texts, steering, group_size=args.num_generations,
                 max_new_tokens=max_new_tokens or args.max_completion_length,
                 offset=trainer.accelerator.process_index * len(prompts),
                 sampling=sampling or Sampling(True, args.temperature, args.top_k, args.top_p),

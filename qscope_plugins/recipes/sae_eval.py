@@ -5,8 +5,8 @@ stream (the Qwen-Scope cards say base-model SAEs usually transfer to post-traine
 outside measurement on Qwen3.5-2B layer 12 found FVU 0.198 on the base model and 0.205 on the
 instruct one). Per layer this measures, on the real tokens of the given texts:
 
-* explained variance and FVU ``= sum ||x - x_hat||^2 / sum ||x - mean(x)||^2`` over tokens, with
-  SAELens's own streaming :class:`~sae_lens.evals.ExplainedVarianceCalculator` (same definition);
+* explained variance and FVU ``= sum ||x - x_hat||^2 / sum ||x - mean(x)||^2`` over tokens, streamed
+  as SAELens's ``ExplainedVarianceCalculator`` streams it (float64 sums on the CPU, same definition);
 * mean squared error per token, mean cosine of ``x`` and ``x_hat``, mean L0;
 * dead features (never active on these tokens) and dense ones (active on more than
   ``dense_threshold`` of them), as fractions of ``d_sae``;
@@ -16,8 +16,9 @@ instruct one). Per layer this measures, on the real tokens of the given texts:
   exactly SAELens's ``ce_loss_score`` (``sae_lens.evals.get_downstream_reconstruction_metrics``).
 
 SAELens's ``run_evals`` itself needs a ``HookedRootModule`` and an ``ActivationsStore``; here every
-backend is driven through :class:`~qscope_plugins.backends.Backend` instead (captures for the
-statistics, the intervention ``fn`` for the splices), mirroring SAELens's choices: with
+backend is driven through :class:`~qscope_plugins.backends.Backend` instead (its
+:meth:`~qscope_plugins.backends.Backend.token_losses` gives the captures for the statistics and the
+losses, an intervention ``fn`` the splices), mirroring SAELens's choices: with
 ``skip_first_token`` the first token keeps its clean activation in the splice and its loss is not
 counted (SAELens's ignored-token semantics), while zero ablation zeroes every position, as SAELens's
 ablation hook does. ``tests/test_sae_eval.py`` checks the result against SAELens's
@@ -33,10 +34,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
-from sae_lens.evals import ExplainedVarianceCalculator
 from torch import Tensor
 
-from ..backends import Backend, Intervention, Prompts
+from ..backends import Backend, Intervention, Prompts, ResidualBatch
 
 DENSE_THRESHOLD = 0.1
 """A feature active on more than this fraction of tokens counts as dense."""
@@ -70,11 +70,42 @@ class LayerEval:
         return {key: None if isinstance(value, float) and math.isnan(value) else value for key, value in out.items()}
 
 
+class _Variance:
+    """Streaming explained variance ``1 - E||x - x_hat||^2 / (E||x||^2 - ||E x||^2)``.
+
+    The arithmetic of SAELens's ``ExplainedVarianceCalculator``: batch sums in at least float32,
+    accumulated in float64 on the CPU (the variance is a difference of two large, close numbers).
+    """
+
+    def __init__(self) -> None:
+        self.sum_x: Tensor | None = None
+        self.sum_squared_norm = 0.0
+        self.sum_squared_residual = 0.0
+        self.num_samples = 0
+
+    def add_batch(self, x_hat: Tensor, x: Tensor) -> None:
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
+        batch_sum = x.sum(0).to("cpu", torch.float64)
+        self.sum_x = batch_sum if self.sum_x is None else self.sum_x + batch_sum
+        self.sum_squared_norm += x.pow(2).sum().item()
+        self.sum_squared_residual += (x - x_hat).pow(2).sum().item()
+        self.num_samples += x.shape[0]
+
+    def compute(self) -> float:
+        if self.num_samples == 0 or self.sum_x is None:
+            return 0.0
+        variance = self.sum_squared_norm / self.num_samples - (self.sum_x / self.num_samples).pow(2).sum().item()
+        mse = self.sum_squared_residual / self.num_samples
+        if variance < 1e-10:
+            return 1.0 if mse < 1e-10 else 0.0
+        return 1.0 - mse / variance
+
+
 class _Statistics:
     """Streaming reconstruction and sparsity statistics of one SAE."""
 
     def __init__(self, d_sae: int, top_n: int) -> None:
-        self.variance = ExplainedVarianceCalculator()
+        self.variance = _Variance()
         self.fires = torch.zeros(d_sae, dtype=torch.long)
         self.cosine = 0.0
         self.l0 = 0
@@ -83,7 +114,7 @@ class _Statistics:
 
     def add(self, x: Tensor, x_hat: Tensor, values: Tensor, indices: Tensor, rows: Tensor, n_rows: int) -> None:
         """``x``, ``x_hat`` ``(N, D)``; Top-k codes ``(N, k)``; ``rows`` ``(N,)`` says which text each token is from."""
-        self.variance.add_batch(sae_output=x_hat, hidden_acts=x)
+        self.variance.add_batch(x_hat, x)
         self.cosine += F.cosine_similarity(x, x_hat, dim=-1).sum().item()
         active = values != 0
         self.l0 += int(active.sum())
@@ -135,12 +166,10 @@ class _Loss:
         self.total = 0.0
         self.count = 0
 
-    def add(self, logits: Tensor, input_ids: Tensor, mask: Tensor, skip_first: bool) -> None:
-        losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:], reduction="none")
-        keep = mask[:, 1:].clone()  # right padding: a real target has a real source before it
-        if skip_first:
-            keep[:, 0] = False
-        self.total += losses[keep].sum().item()
+    def add(self, rb: ResidualBatch, ce: Tensor, skip_first: bool) -> None:
+        """One batch of :meth:`Backend.token_losses`."""
+        keep = Backend.loss_mask(rb.batch, skip_first)
+        self.total += ce[keep].sum().item()
         self.count += int(keep.sum())
 
     def merge(self, other: _Loss) -> None:
@@ -150,29 +179,6 @@ class _Loss:
     @property
     def mean(self) -> float:
         return self.total / self.count if self.count else math.nan
-
-
-def output_head(backend: Backend) -> Callable[[Tensor], Tensor]:
-    """Logits from the last decoder layer's output: the model's final norm, then its unembedding.
-
-    The backend interface captures residuals only; the head is looked up once per framework here.
-    """
-    from ..backends.hf import find_layers
-
-    model = backend.model
-    if backend.name == "transformer-lens":
-        if not backend.bridge:
-            return lambda h: model.unembed(model.ln_final(h))
-        model = model.original_model
-    elif backend.name == "nnsight":
-        model = model._module
-    layers = find_layers(model)
-    owner = next((m for m in model.modules() if getattr(m, "layers", None) is layers), None)
-    norm = getattr(owner, "norm", None)
-    if norm is None:
-        raise ValueError(f"cannot find the final norm of {type(model).__name__} (expected `.norm` next to `.layers`)")
-    head = model.get_output_embeddings()
-    return lambda h: head(norm(h))
 
 
 def _splices(sae, skip_first: bool) -> dict[str, Callable[[Tensor], Tensor]]:
@@ -227,9 +233,7 @@ def evaluate_sae(
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2 (next-token loss needs two tokens), got {max_length}")
         rows = [row[:max_length] for row in rows]
-    last = backend.n_layers - 1
     with_loss = compute_loss and backend.supports_functions
-    head = output_head(backend) if with_loss else None
     stats = {layer: _Statistics(sae.cfg.d_sae, top_n) for layer, sae in saes.items()}
     losses: dict[str, _Loss] = {"clean": _Loss()}
     splices = {layer: _splices(sae, skip_first_token) for layer, sae in saes.items()} if with_loss else {}
@@ -242,8 +246,11 @@ def evaluate_sae(
         starts = tqdm(starts, desc="eval-sae", unit="batch")
     for start in starts:
         chunk = rows[start : start + batch_size]
-        wanted = sorted({*saes, last} if with_loss else set(saes))
-        clean = next(backend.residuals(chunk, wanted, batch_size=len(chunk)))
+        if with_loss:  # the statistics' captures and the clean loss from one forward pass
+            clean, ce = next(backend.token_losses(chunk, layers=list(saes), batch_size=len(chunk)))
+            losses["clean"].add(clean, ce, skip_first_token)
+        else:
+            clean = next(backend.residuals(chunk, sorted(saes), batch_size=len(chunk)))
         mask = clean.token_mask(skip_first_token)
         token_rows = mask.nonzero()[:, 0]
         for layer, sae in saes.items():
@@ -251,15 +258,10 @@ def evaluate_sae(
             values, indices = sae.encode_sparse(x)
             x_hat = sae.decode_sparse(values, indices)
             stats[layer].add(x.float(), x_hat.float(), values, indices, token_rows, len(chunk))
-        if not with_loss:
-            continue
-        ids, real = clean.batch.input_ids, clean.mask
-        losses["clean"].add(head(clean.hidden[last]), ids, real, skip_first_token)
         for layer, edits in splices.items():
             for name, fn in edits.items():
-                edited = next(backend.residuals(chunk, [last], batch_size=len(chunk),
-                                                interventions=[Intervention(layer, fn=fn)]))
-                losses[f"{layer}/{name}"].add(head(edited.hidden[last]), ids, real, skip_first_token)
+                spliced = backend.token_losses(chunk, interventions=[Intervention(layer, fn=fn)], batch_size=len(chunk))
+                losses[f"{layer}/{name}"].add(*next(spliced), skip_first_token)
     return (stats, losses) if _sums else _results(stats, losses, dense_threshold)
 
 

@@ -14,8 +14,8 @@ L itself are not penalised. The normalisation (all response tokens of the batch,
 examples included, times the number of features, plus one) is the official implementation's.
 
 Only the selected features' encoder rows are needed: a ``FeatureSubset`` (``load_sae(...,
-features=[...])``) is enough, or the full SAE. :class:`SASFTLoss` hooks the decoder layers of the
-model being trained; :class:`SASFTTrainer` (or :class:`SASFTMixin` over e.g. TRL's ``SFTTrainer``)
+features=[...])``) is enough, or the full SAE. :class:`SASFTLoss` reads the decoder layers of the
+model being trained through :meth:`Backend.watch <qscope_plugins.backends.Backend.watch>`; :class:`SASFTTrainer` (or :class:`SASFTMixin` over e.g. TRL's ``SFTTrainer``)
 adds it in ``compute_loss``. :func:`estimate_alpha` computes the per-language means through any
 :class:`~qscope_plugins.backends.Backend`.
 """
@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from transformers import Trainer
 
-from ..backends import Backend
+from ..backends import Backend, as_backend
 from .capture import tokenize
 from .._io import write_json
 
@@ -171,31 +171,33 @@ class SASFTLoss(nn.Module):
             self.register_buffer(f"b_{n}", b.detach().clone())
             self.register_buffer(f"alpha_{n}", baselines.alpha[n].float().clone())
         self._captured: dict[int, Tensor] = {}
-        self._handles: list = []
+        self._removers: list = []
 
-    def attach(self, model: nn.Module) -> SASFTLoss:
-        """Hook ``model``'s decoder layers (the SAE's hook point) and move the buffers to its device."""
-        from ..backends.hf import find_layers
-
+    def attach(self, model: nn.Module | Backend) -> SASFTLoss:
+        """Watch the decoder layers (the SAE's hook point) of ``model`` (a model or its
+        :class:`~qscope_plugins.backends.Backend`) in its every forward; move the buffers to its device."""
         self.detach()
-        layers = find_layers(model)
+        training = model.training if isinstance(model, nn.Module) else None
+        backend = as_backend(model)
+        if training is not None:  # wrapping it sets eval mode; a model being trained stays in training mode
+            model.train(training)
         for n in self.layers:
-            if not 0 <= n < len(layers):
-                raise ValueError(f"layer {n} is out of range: the model has layers 0..{len(layers) - 1}")
-            self._handles.append(layers[n].register_forward_hook(self._capture(n)))
-        self.to(next(model.parameters()).device)
+            if not 0 <= n < backend.n_layers:
+                raise ValueError(f"layer {n} is out of range: the model has layers 0..{backend.n_layers - 1}")
+            self._removers.append(backend.watch(n, self._capture(n)))
+        self.to(backend.device)
         return self
 
     def _capture(self, n: int):
-        def hook(module, args, output):
-            self._captured[n] = output[0] if isinstance(output, tuple) else output
+        def store(hidden: Tensor) -> None:
+            self._captured[n] = hidden
 
-        return hook
+        return store
 
     def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        for remove in self._removers:
+            remove()
+        self._removers.clear()
         self._captured.clear()
 
     def __enter__(self) -> SASFTLoss:
