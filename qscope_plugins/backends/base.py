@@ -335,7 +335,7 @@ class Backend(ABC):
                 raise ValueError("this SAE does not record its layer; pass layer=")
             layer = own_layer
         layer = self.check_layer(layer)
-        d_in = sae.cfg.d_in if hasattr(sae, "cfg") else sae.d_model
+        d_in = sae.d_in
         if d_in != self.d_model:
             raise ValueError(f"SAE d_model {d_in} does not match the model's d_model {self.d_model}")
         if own_layer is not None and own_layer != layer:
