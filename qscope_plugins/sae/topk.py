@@ -48,16 +48,21 @@ class TopKCodes(NamedTuple):
 
 
 @dataclass
-class QwenScopeSAEConfig(TopKSAEConfig):
-    """TopK config plus the ReLU switch: ``relu=False`` gives the model-card encoder."""
+class QwenScopeConventions:
+    """What the ``qwen_scope_topk`` configs (inference and training) add to SAELens's Top-k ones: the
+    ReLU switch (``relu=False`` gives the model-card encoder) and no ``b_dec`` pre-subtraction."""
 
     relu: bool = True
     apply_b_dec_to_input: bool = False
 
-    @override
     @classmethod
     def architecture(cls) -> str:
         return ARCHITECTURE
+
+
+@dataclass
+class QwenScopeSAEConfig(QwenScopeConventions, TopKSAEConfig):
+    """SAELens's ``TopKSAEConfig`` with :class:`QwenScopeConventions`."""
 
 
 class QwenScopeSAE(TopKSAE):
