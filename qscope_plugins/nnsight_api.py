@@ -54,7 +54,7 @@ def steering(
 
     Give either ``vector`` (``(d_model,)``) or ``sae`` with ``features``: a ``{feature: coefficient}``
     mapping, or feature ids (coefficient 1 each). ``sae`` may be a full ``QwenScopeSAE`` or a
-    ``FeatureSubset`` (``load_sae(..., features=[...])``, which reads only those columns); the
+    ``FeatureSubset`` (``load_feature_subset(source, layer, ids)``, which reads only those columns); the
     result holds one vector, ``sum_j c_j W_dec[j]``, never the SAE. See :class:`Steering` for
     ``positions`` and ``generated``.
     """

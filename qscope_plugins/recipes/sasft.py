@@ -13,8 +13,8 @@ penalty only pushes the feature back to what is normal for the example's own lan
 L itself are not penalised. The normalisation (all response tokens of the batch, target-language
 examples included, times the number of features, plus one) is the official implementation's.
 
-Only the selected features' encoder rows are needed: a ``FeatureSubset`` (``load_sae(...,
-features=[...])``) is enough, or the full SAE. :class:`SASFTLoss` hooks the decoder layers of the
+Only the selected features' encoder rows are needed: a ``FeatureSubset`` (``load_feature_subset(...,
+features)``) is enough, or the full SAE. :class:`SASFTLoss` hooks the decoder layers of the
 model being trained; :class:`SASFTTrainer` (or :class:`SASFTMixin` over e.g. TRL's ``SFTTrainer``)
 adds it in ``compute_loss``. :func:`estimate_alpha` computes the per-language means through any
 :class:`~qscope_plugins.backends.Backend`.
