@@ -120,7 +120,8 @@ def test_sae_for_another_backbone_warns(files, capsys, monkeypatch):
     import qscope_plugins.sae as sae_module
 
     other = QwenScopeSAE.from_weights(**random_sae_state(64, 256), k=8, layer=LAYER, model_name="Qwen/Qwen3-8B-Base")
-    monkeypatch.setattr(sae_module, "load_sae", lambda *a, **kw: other)
+    for loader in ("load_sae", "load_feature_subset"):
+        monkeypatch.setattr(sae_module, loader, lambda *a, **kw: other)
     with pytest.warns(UserWarning, match="SAE was trained on Qwen/Qwen3-8B-Base but the model is .*Qwen3-1.7B-Base"):
         out = run_json(capsys, steer_args(files, "--prompt", PROMPTS[0], "--json"))
     assert len(out["steered"]) == 1
