@@ -14,7 +14,8 @@ from .catalog import GROUPS, SAEGroup, find_group, get_group
 
 # The SAE class subclasses SAELens's TopKSAE; importing it lazily keeps `qscope_plugins.remote`
 # (shipped to NDIF servers, where SAELens is absent) importable without SAELens.
-_LAZY = ("FeatureSubset", "QwenScopeSAE", "SAEFormatError", "TopKCodes", "load_sae")
+_LAZY = ("FeatureSubset", "QwenScopeSAE", "SAEFormatError", "SparseAutoencoder", "TopKCodes", "load_feature_subset",
+         "load_sae")
 
 
 def __getattr__(name: str):
@@ -34,9 +35,11 @@ __all__ = [
     "RegistrationWarning",
     "SAEFormatError",
     "SAEGroup",
+    "SparseAutoencoder",
     "TopKCodes",
     "find_group",
     "get_group",
+    "load_feature_subset",
     "load_sae",
     "register",
     "registration_status",

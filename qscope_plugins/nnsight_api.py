@@ -54,7 +54,7 @@ def steering(
 
     Give either ``vector`` (``(d_model,)``) or ``sae`` with ``features``: a ``{feature: coefficient}``
     mapping, or feature ids (coefficient 1 each). ``sae`` may be a full ``QwenScopeSAE`` or a
-    ``FeatureSubset`` (``load_sae(..., features=[...])``, which reads only those columns); the
+    ``FeatureSubset`` (``load_feature_subset(source, layer, ids)``, which reads only those columns); the
     result holds one vector, ``sum_j c_j W_dec[j]``, never the SAE. See :class:`Steering` for
     ``positions`` and ``generated``.
     """
@@ -84,20 +84,16 @@ def encoder_rows(model: Any, layer: int, sae: Any, features: Sequence[int] | Non
     """
     where = layout(model)
     where.check_layer(layer)
-    if hasattr(sae, "ids"):  # FeatureSubset: rows already (n, d_model)
+    if not sae.complete:  # a FeatureSubset: features default to all it holds
         held = [int(i) for i in sae.ids.tolist()]
         ids = held if features is None else _feature_ids(features)
         missing = sorted(set(ids) - set(held))
         if missing:
             raise KeyError(f"features {missing} were not loaded in this subset (loaded: {held})")
-        index = torch.tensor([held.index(i) for i in ids])
-        weight, bias = sae.W_enc[index], sae.b_enc[index]
+    elif features is None:
+        raise ValueError("`features` is required with a full SAE: which encoder rows to ship")
     else:
-        if features is None:
-            raise ValueError("`features` is required with a full SAE: which encoder rows to ship")
         ids = _feature_ids(features)
-        index = torch.tensor(ids)
-        weight, bias = sae.W_enc[:, index].T, sae.b_enc[index]  # SAELens W_enc is (d_in, d_sae)
-    weight = weight.detach().contiguous().clone()
+    weight, bias = sae.encoder_rows(ids)
     where.check_vector(weight, "the encoder")
-    return EncoderRows(layer, torch.tensor(ids), weight, bias.detach().clone())
+    return EncoderRows(layer, torch.tensor(ids), weight, bias)

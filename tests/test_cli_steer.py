@@ -9,7 +9,7 @@ import pytest
 from qscope_plugins.backends.hf import HFBackend
 from qscope_plugins.cli import main
 from qscope_plugins.recipes.steering import additive, steer
-from qscope_plugins.sae import QwenScopeSAE, load_sae
+from qscope_plugins.sae import QwenScopeSAE, load_feature_subset
 from qscope_plugins.testing.sae_files import random_sae_state, write_released_layer
 from qscope_plugins.testing.tiny_models import save_checkpoint, tiny_model
 
@@ -49,7 +49,7 @@ def test_steer_json_shape_and_agreement_with_the_api(files, capsys):
             assert 1 <= len(item["token_ids"]) <= NEW and all(isinstance(t, int) for t in item["token_ids"])
             assert isinstance(item["text"], str)
     backend = HFBackend.from_pretrained(str(model_dir))
-    sae = load_sae(root / "sae", LAYER, k=8, features=[FEATURE])
+    sae = load_feature_subset(root / "sae", LAYER, [FEATURE], k=8)
     baseline = steer(backend, PROMPTS, [], max_new_tokens=NEW)
     steered = steer(backend, PROMPTS, additive(sae, FEATURE, ALPHA, layer=LAYER), max_new_tokens=NEW)
     assert [o["token_ids"] for o in out["baseline"]] == [g.token_ids for g in baseline]
@@ -120,7 +120,8 @@ def test_sae_for_another_backbone_warns(files, capsys, monkeypatch):
     import qscope_plugins.sae as sae_module
 
     other = QwenScopeSAE.from_weights(**random_sae_state(64, 256), k=8, layer=LAYER, model_name="Qwen/Qwen3-8B-Base")
-    monkeypatch.setattr(sae_module, "load_sae", lambda *a, **kw: other)
+    for loader in ("load_sae", "load_feature_subset"):
+        monkeypatch.setattr(sae_module, loader, lambda *a, **kw: other)
     with pytest.warns(UserWarning, match="SAE was trained on Qwen/Qwen3-8B-Base but the model is .*Qwen3-1.7B-Base"):
         out = run_json(capsys, steer_args(files, "--prompt", PROMPTS[0], "--json"))
     assert len(out["steered"]) == 1

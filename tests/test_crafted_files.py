@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from qscope_plugins import SAEFormatError, load_sae
+from qscope_plugins import SAEFormatError, load_feature_subset, load_sae
 from qscope_plugins.cli import main
 from qscope_plugins.sae import convert as convert_module
 from qscope_plugins.sae._mmap import check_layout
@@ -37,7 +37,7 @@ def test_stride_zero_tensor_with_a_huge_shape_is_refused_before_anything_is_allo
                                              r"\(0, 0\): its elements overlap in storage"):
         load_sae(crafted, 0)
     with pytest.raises(SAEFormatError, match="overlap in storage"):
-        load_sae(crafted, 0, features=[1, 2])
+        load_feature_subset(crafted, 0, [1, 2])
     assert time.perf_counter() - start < 5
 
 
@@ -75,14 +75,14 @@ def test_a_cast_that_overflows_is_refused_not_loaded(big_values, tmp_path):
     with pytest.raises(SAEFormatError, match=message):
         load_sae(src, 0, k=4, dtype="fp16")
     with pytest.raises(SAEFormatError, match=message):
-        load_sae(src, 0, k=4, dtype="fp16", features=[5, 6])
+        load_feature_subset(src, 0, [5, 6], k=4, dtype="fp16")
     assert load_sae(src, 0, k=4, dtype="bf16").W_enc.isfinite().all()
     assert float(load_sae(src, 0, k=4).W_enc[2, 5]) == 1e6
     convert_module.convert(str(src), tmp_path / "conv", [0], k=4)  # float32: fine
     with pytest.raises(SAEFormatError, match=message):
         load_sae(tmp_path / "conv" / "layer0", 0, dtype="fp16")
     with pytest.raises(SAEFormatError, match=message):
-        load_sae(tmp_path / "conv" / "layer0", 0, dtype="fp16", features=[5])
+        load_feature_subset(tmp_path / "conv" / "layer0", 0, [5], dtype="fp16")
     with pytest.raises(SAEFormatError, match=message):
         convert_module.convert(str(src), tmp_path / "conv16", [0], k=4, dtype=torch.float16)
 
@@ -95,11 +95,11 @@ def test_a_million_feature_ids_are_checked_and_deduplicated_before_reading(tmp_p
     for source in (tmp_path / "src", tmp_path / "conv" / "layer0"):
         start = time.perf_counter()
         with pytest.warns(UserWarning, match=r"features: 999488 repeated ids dropped \(512 distinct kept"):
-            subset = load_sae(source, 0, k=4, features=ids.flip(0).tolist())
+            subset = load_feature_subset(source, 0, ids.flip(0).tolist(), k=4)
         assert time.perf_counter() - start < 10
         first_seen = list(dict.fromkeys(ids.flip(0).tolist()))
         assert subset.ids.tolist() == first_seen
-        torch.testing.assert_close(subset.W_enc, state["W_enc"][first_seen])
+        torch.testing.assert_close(subset.W_enc.T, state["W_enc"][first_seen])
         bad = [*ids.tolist(), 512]
         with pytest.raises(ValueError, match=r"feature id 512 out of range \[0, 512\)"):
-            load_sae(source, 0, k=4, features=bad)
+            load_feature_subset(source, 0, bad, k=4)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from qscope_plugins.sae import QwenScopeSAE, SAEFormatError, load_sae
+from qscope_plugins.sae import QwenScopeSAE, SAEFormatError, load_feature_subset, load_sae
 from qscope_plugins.sae.convert import convert
 from qscope_plugins.testing.sae_files import random_sae_state, write_released_layer
 
@@ -53,7 +53,7 @@ def test_numpy_integers_are_layers_and_k(released):
     order = np.argsort(np.array([5.0, 1.0, 3.0]))  # int64 array: [1, 2, 0]
     sae = load_sae(released, order[0], k=np.int32(4))
     assert sae.cfg.k == 4 and isinstance(sae.cfg.k, int) and sae.cfg.metadata.hook_name == "blocks.1.hook_resid_post"
-    assert load_sae(released, torch.tensor(1), features=[2]).ids.tolist() == [2]
+    assert load_feature_subset(released, torch.tensor(1), [2]).ids.tolist() == [2]
 
 
 @pytest.mark.parametrize("layer, error, message", [
@@ -82,20 +82,20 @@ def test_bad_layer(released, layer, error, message):
 def test_bad_feature_lists(released, converted, kind, features, error, message):
     source = released if kind == "released" else converted
     with pytest.raises(error, match=_re(message)):
-        load_sae(source, 1, features=features)
+        load_feature_subset(source, 1, features)
 
 
 def test_repeated_feature_ids_are_dropped_with_a_warning(released, converted):
     """Issue 17: ids are de-duplicated (first occurrence kept) and range-checked before any row is read."""
     for source in (released, converted):
         with pytest.warns(UserWarning, match=_re("features: 1 repeated ids dropped (2 distinct kept")):
-            assert load_sae(source, 1, features=[3, 7, 3]).ids.tolist() == [3, 7]
+            assert load_feature_subset(source, 1, [3, 7, 3]).ids.tolist() == [3, 7]
 
 
 def test_good_feature_lists(released, converted):
     for source in (released, converted):
         for features in ([5, 2], np.array([5, 2]), torch.tensor([5, 2]), (np.int64(5), 2)):
-            assert load_sae(source, 1, features=features).ids.tolist() == [5, 2]
+            assert load_feature_subset(source, 1, features).ids.tolist() == [5, 2]
 
 
 @pytest.mark.parametrize("key", ["b_enc", "b_dec"])
@@ -111,7 +111,7 @@ def test_non_finite_biases_are_refused_in_subsets_too(tmp_path, key, kind):
             convert(str(tmp_path / NAME), source, [1])
         return
     with pytest.raises(SAEFormatError, match=f"key '{key}' holds non-finite values"):
-        load_sae(source, 1, features=[7])
+        load_feature_subset(source, 1, [7])
     with pytest.raises(SAEFormatError, match=f"key '{key}' holds non-finite values"):
         load_sae(source, 1)
 
@@ -167,9 +167,10 @@ def test_corrupt_safetensors_header(converted, tmp_path):
     raw = (converted / "sae_weights.safetensors").read_bytes()
     for weights in (b"\xff" * 8 + raw[8:], raw[:8] + b"{" * 64, b"short"):
         target = _mutated(converted, tmp_path / str(len(weights)), cfg=sidecar, weights=weights)
-        for features in (None, [1]):
-            with pytest.raises(SAEFormatError, match="not a readable safetensors file"):
-                load_sae(target, 1, features=features)
+        with pytest.raises(SAEFormatError, match="not a readable safetensors file"):
+            load_sae(target, 1)
+        with pytest.raises(SAEFormatError, match="not a readable safetensors file"):
+            load_feature_subset(target, 1, [1])
 
 
 def test_from_weights_checks_k(released):

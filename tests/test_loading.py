@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import torch
 
-from qscope_plugins import FeatureSubset, QwenScopeSAE, SAEFormatError, load_sae
+from qscope_plugins import FeatureSubset, QwenScopeSAE, SAEFormatError, load_feature_subset, load_sae
 from qscope_plugins.testing.sae_files import make_fake_hub_repo, random_sae_state, write_released_layer
 
 TINY_REPO = "Qwen/SAE-Res-Tiny-W1K-L0_8"  # follows the naming pattern: d_sae 1024, k 8
@@ -129,7 +129,7 @@ def test_dtype_and_feature_subset(tmp_path, tiny_state):
     write_released_layer(tmp_path, 0, tiny_state)
     bf16 = load_sae(tmp_path, 0, k=8, dtype="bf16")
     assert bf16.W_enc.dtype == bf16.W_dec.dtype == torch.bfloat16
-    sub = load_sae(tmp_path, 0, k=8, features=[5, 700])
+    sub = load_feature_subset(tmp_path, 0, [5, 700], k=8)
     assert isinstance(sub, FeatureSubset)
     torch.testing.assert_close(sub.directions(), tiny_state["W_dec"][:, [5, 700]].T)
     torch.testing.assert_close(sub.direction(700), tiny_state["W_dec"][:, 700])
@@ -139,7 +139,7 @@ def test_dtype_and_feature_subset(tmp_path, tiny_state):
     with pytest.raises(RuntimeError, match="needs every encoder row"):
         sub.encode(x)
     with pytest.raises(ValueError, match=r"feature id 1024 out of range \[0, 1024\)"):
-        load_sae(tmp_path, 0, k=8, features=[1024])
+        load_feature_subset(tmp_path, 0, [1024], k=8)
 
 
 MEASURE = textwrap.dedent(

@@ -16,7 +16,7 @@ from nnsight.schema.request import RequestModel
 from nnsight.tracing.backend import Backend
 
 import qscope_plugins
-from qscope_plugins import QwenScopeSAE, load_sae, nnsight_api, remote
+from qscope_plugins import QwenScopeSAE, load_feature_subset, nnsight_api, remote
 from qscope_plugins.integrations import nnsight as integration
 from qscope_plugins.testing.sae_files import random_sae_state, write_released_layer
 from qscope_plugins.testing.tiny_models import tiny_config, tiny_model, tiny_tokenizer
@@ -121,7 +121,7 @@ def test_steering_request_with_10_features_at_d_model_5120_is_under_1_mb(big_mod
 
 def test_encoder_rows_request_for_10_features_is_under_1_mb(big_model, big_sae, tmp_path):
     write_released_layer(tmp_path, 20, {k: v.contiguous() for k, v in random_sae_state(5120, 2048, seed=1).items()})
-    subset = load_sae(tmp_path, 20, k=50, features=list(FEATURES))
+    subset = load_feature_subset(tmp_path, 20, list(FEATURES), k=50)
     rows = nnsight_api.encoder_rows(big_model, 20, subset)
     torch.testing.assert_close(rows.weight, big_sae.W_enc.T[list(FEATURES)])
     recorder = Recorder()
@@ -201,7 +201,7 @@ def test_unresolvable_layout_says_what_to_do():
 
 def test_objects_ndif_cannot_import_fail_before_sending(small, tmp_path):
     write_released_layer(tmp_path, 1, random_sae_state(64, 128))
-    subset = load_sae(tmp_path, 1, k=8, features=[5, 9])
+    subset = load_feature_subset(tmp_path, 1, [5, 9], k=8)
     clamp = remote.Steering(1, fn=lambda h: h * 0)
     recorder = Recorder()
     with pytest.raises(integration.RemoteRequestError, match=r"captures `subset` \(FeatureSubset from qscope_plugins"):

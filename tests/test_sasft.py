@@ -11,7 +11,7 @@ from qscope_plugins.backends.hf import HFBackend
 from qscope_plugins.recipes.sasft import (
     LanguageBaselines, SASFTLoss, SASFTTrainer, estimate_alpha, feature_encoder,
 )
-from qscope_plugins.sae import QwenScopeSAE, load_sae
+from qscope_plugins.sae import QwenScopeSAE, load_feature_subset
 from qscope_plugins.testing.sae_files import random_sae_state, write_released_layer
 from qscope_plugins.testing.tiny_models import hf_layer_outputs, tiny_model, tiny_tokenizer
 
@@ -37,7 +37,7 @@ def subsets(tmp_path_factory, states):
     directory = tmp_path_factory.mktemp("sae")
     for n, state in states.items():
         write_released_layer(directory, n, state)
-    return {n: load_sae(str(directory), n, k=8, features=list(FEATURES[n])) for n in LAYERS}
+    return {n: load_feature_subset(str(directory), n, list(FEATURES[n]), k=8) for n in LAYERS}
 
 
 def hand_pre(state, layer_out: torch.Tensor, features) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 from qscope_plugins.backends.hf import HFBackend
 from qscope_plugins.recipes.steering import additive, clamp, parse_positions, steer, steering, steering_vector
 from qscope_plugins.recipes.steering_eval import cjk_fraction, evaluate, mean_ci, sweep
-from qscope_plugins.sae import QwenScopeSAE, load_sae
+from qscope_plugins.sae import QwenScopeSAE, load_feature_subset
 from qscope_plugins.testing.sae_files import random_sae_state, write_released_layer
 from qscope_plugins.testing.tiny_models import tiny_model, tiny_tokenizer
 
@@ -59,7 +59,7 @@ def test_steering_vector_is_the_weighted_sum_of_raw_decoder_columns(sae, state):
 
 def test_additive_from_a_feature_subset_file(tmp_path, state, sae):
     write_released_layer(tmp_path, LAYER, state)
-    subset = load_sae(tmp_path, LAYER, k=8, features=[9, 3])
+    subset = load_feature_subset(tmp_path, LAYER, [9, 3], k=8)
     iv = additive(subset, [3, 9], [1.0, 3.0], layer=LAYER, positions="0,2-3", generated=False)
     torch.testing.assert_close(iv.vector, steering_vector(sae, [3, 9], [1.0, 3.0]))
     assert (iv.layer, iv.positions, iv.generated) == (LAYER, (0, 2, 3), False)
@@ -119,7 +119,7 @@ def test_clamp_sets_codes_and_keeps_the_reconstruction_error(sae):
 
 def test_clamp_needs_the_full_sae(tmp_path, state):
     write_released_layer(tmp_path, LAYER, state)
-    subset = load_sae(tmp_path, LAYER, k=8, features=[3])
+    subset = load_feature_subset(tmp_path, LAYER, [3], k=8)
     with pytest.raises(ValueError, match="clamping needs the full SAE"):
         clamp(subset, 3, 0.0, layer=LAYER)
 

@@ -40,7 +40,7 @@ def check_sae(
             raise ValueError("this SAE does not record its layer; pass layer=")
         layer = own_layer
     layer = check_layer(layer)
-    d_in = sae.cfg.d_in if hasattr(sae, "cfg") else sae.d_model
+    d_in = sae.d_in
     if d_in != d_model:
         raise ValueError(f"SAE d_model {d_in} does not match the model's d_model {d_model}")
     # stacklevel 3: the warning points at the caller of Backend.check_sae.

@@ -148,13 +148,16 @@ def open_saes(args: argparse.Namespace, backend, layers: list[int], features: li
 
     A layer, feature id, k or width that does not fit is a usage error; a malformed file is not.
     """
-    from ..sae import load_sae
+    from ..sae import load_feature_subset, load_sae
 
     saes = {}
     for layer in layers:
         with as_usage_errors():
             backend.check_layer(layer)
-            sae = load_sae(args.sae, layer, k=args.k, device=args.device, features=features)
+            if features is None:
+                sae = load_sae(args.sae, layer, k=args.k, device=args.device)
+            else:
+                sae = load_feature_subset(args.sae, layer, features, k=args.k, device=args.device)
             backend.check_sae(sae, layer)
         saes[layer] = sae
     return saes

@@ -27,7 +27,8 @@ from .assets import MANIFEST, MODEL_DIR, SAE_DIR, SAFETENSORS_DIR, corpus_genera
 from .config import BuildConfig
 from .corpus import CorpusGenerator, Document
 from .lm import pack_rows, train_lm
-from .sae_train import encode, explained_variance, train_sae
+from ..sae.metrics import explained_variance
+from .sae_train import encode, reconstruct, train_nano_sae
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +98,10 @@ def build(cfg: BuildConfig, out: Path) -> dict:
     lap("activations")
     states, quality = [], []
     for n, acts in enumerate(train_acts):
-        state = train_sae(acts, cfg.sae)
+        state = train_nano_sae(acts, cfg.sae)
         fired = (encode(state, heldout[n], cfg.sae.k) > 0).any(0)
-        quality.append({"layer": n, "explained_variance": round(explained_variance(state, heldout[n], cfg.sae.k), 4),
+        ev = explained_variance(heldout[n], reconstruct(state, heldout[n], cfg.sae.k))
+        quality.append({"layer": n, "explained_variance": round(ev, 4),
                         "dead_features": int((~fired).sum())})
         log.info("layer %d: %s", n, quality[-1])
         states.append(state)

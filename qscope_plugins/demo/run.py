@@ -57,7 +57,9 @@ class DemoSizes:
 
 @torch.no_grad()
 def _explained_variance(backend, saes, texts) -> list[float]:
-    """``1 - sum ||x - x_hat||^2 / sum ||x - mean||^2`` per layer over every token of ``texts``."""
+    """:func:`~qscope_plugins.sae.metrics.explained_variance` per layer over every token of ``texts``."""
+    from ..sae.metrics import explained_variance
+
     layers = sorted(saes)
     xs: dict[int, list[torch.Tensor]] = {n: [] for n in layers}
     for rb in backend.residuals(texts, layers, batch_size=32):
@@ -66,8 +68,7 @@ def _explained_variance(backend, saes, texts) -> list[float]:
     out = []
     for n in layers:
         x = torch.cat(xs[n])
-        x_hat = saes[n].decode(saes[n].encode(x))
-        out.append(1 - float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()))
+        out.append(explained_variance(x, saes[n].decode(saes[n].encode(x))))
     return out
 
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..sae.format import released_layout
+
 log = logging.getLogger(__name__)
 
 
@@ -61,7 +63,7 @@ def topk_relu(pre: Tensor, k: int) -> Tensor:
     return torch.zeros_like(pre).scatter_(-1, indices, values.relu())
 
 
-def train_sae(acts: Tensor, cfg: SAEConfig) -> dict[str, Tensor]:
+def train_nano_sae(acts: Tensor, cfg: SAEConfig) -> dict[str, Tensor]:
     """Train on ``acts`` (tokens, d_model); return the four tensors in the released layout.
 
     Training sees ``x / scale``; since Top-k and ReLU commute with a positive factor, the codes of
@@ -110,13 +112,7 @@ def train_sae(acts: Tensor, cfg: SAEConfig) -> dict[str, Tensor]:
             step += 1
         log.info("sae epoch %d: last batch mse/var %.4f, dead %d", epoch,
                  float(err.detach().pow(2).sum() / x.var(0).sum() / len(x)), int(dead.sum()))
-    with torch.no_grad():
-        return {
-            "W_enc": sae.W_enc.detach().clone(),
-            "W_dec": sae.W_dec.detach().clone(),
-            "b_enc": ((sae.b_enc - sae.W_enc @ sae.b_dec) * scale).detach().clone(),
-            "b_dec": (sae.b_dec * scale).detach().clone(),
-        }
+    return released_layout(sae.W_enc.T, sae.W_dec.T, sae.b_enc, sae.b_dec, b_dec_presub=True, scale=scale)
 
 
 def encode(state: dict[str, Tensor], x: Tensor, k: int) -> Tensor:
@@ -124,7 +120,6 @@ def encode(state: dict[str, Tensor], x: Tensor, k: int) -> Tensor:
     return topk_relu(x @ state["W_enc"].T + state["b_enc"], k)
 
 
-def explained_variance(state: dict[str, Tensor], x: Tensor, k: int) -> float:
-    """``1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2`` over the rows of ``x``."""
-    x_hat = encode(state, x, k) @ state["W_dec"].T + state["b_dec"]
-    return 1.0 - float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+def reconstruct(state: dict[str, Tensor], x: Tensor, k: int) -> Tensor:
+    """``W_dec z + b_dec`` of the released-formula codes of ``x``."""
+    return encode(state, x, k) @ state["W_dec"].T + state["b_dec"]

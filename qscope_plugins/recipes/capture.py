@@ -45,8 +45,8 @@ def sae_widths(backend: Backend, saes: Mapping[int, object]) -> dict[int, int]:
     if not saes:
         raise ValueError("no SAEs given")
     for layer, sae in saes.items():
-        if not hasattr(sae, "encode_sparse"):
-            raise ValueError(f"the SAE for layer {layer} cannot Top-k encode (load it without features=)")
+        if not sae.complete:
+            raise ValueError(f"the SAE for layer {layer} cannot Top-k encode (load it with load_sae)")
         backend.check_sae(sae, layer)
     return {layer: int(sae.cfg.d_sae) for layer, sae in saes.items()}
 

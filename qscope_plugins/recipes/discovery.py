@@ -108,7 +108,7 @@ def _check(backend: Backend, saes) -> dict[int, object]:
     if not by_layer:
         raise ValueError("no SAEs given")
     for layer, sae in by_layer.items():
-        if not hasattr(sae, "encode_sparse"):
+        if not sae.complete:
             raise ValueError(f"layer {layer}: discovery needs a full SAE, not a feature subset")
         backend.check_sae(sae, layer)
     return by_layer

@@ -34,6 +34,7 @@ from typing import Any
 from torch import Tensor
 
 from ..catalog import LAYER_FILE
+from ..sae.format import released_layout
 
 log = logging.getLogger(__name__)
 
@@ -159,11 +160,8 @@ def released_state(sae) -> dict[str, Tensor]:
     folded = copy.deepcopy(sae).float()
     if getattr(cfg, "rescale_acts_by_decoder_norm", False):
         folded.fold_W_dec_norm()  # SAELens's own fold: unit decoder rows, same Top-k choice and output
-    W_enc, W_dec, b_enc, b_dec = (t.detach() for t in (folded.W_enc, folded.W_dec, folded.b_enc, folded.b_dec))
-    if cfg.apply_b_dec_to_input:
-        b_enc = b_enc - b_dec @ W_enc
-    return {"W_enc": W_enc.T.contiguous(), "W_dec": W_dec.T.contiguous(), "b_enc": b_enc.contiguous(),
-            "b_dec": b_dec.contiguous()}
+    return released_layout(folded.W_enc, folded.W_dec, folded.b_enc, folded.b_dec,
+                           b_dec_presub=cfg.apply_b_dec_to_input)
 
 
 def export_qwen_scope(sae, out_dir: str | os.PathLike, layer: int) -> Path:

@@ -13,8 +13,8 @@ penalty only pushes the feature back to what is normal for the example's own lan
 L itself are not penalised. The normalisation (all response tokens of the batch, target-language
 examples included, times the number of features, plus one) is the official implementation's.
 
-Only the selected features' encoder rows are needed: a ``FeatureSubset`` (``load_sae(...,
-features=[...])``) is enough, or the full SAE. :class:`SASFTLoss` reads the decoder layers of the
+Only the selected features' encoder rows are needed: a ``FeatureSubset`` (``load_feature_subset(...,
+features)``) is enough, or the full SAE. :class:`SASFTLoss` reads the decoder layers of the
 model being trained through :meth:`Backend.watch <qscope_plugins.backends.Backend.watch>`; :class:`SASFTTrainer` (or :class:`SASFTMixin` over e.g. TRL's ``SFTTrainer``)
 adds it in ``compute_loss``. :func:`estimate_alpha` computes the per-language means through any
 :class:`~qscope_plugins.backends.Backend`.
@@ -44,22 +44,21 @@ def feature_encoder(sae, features: Sequence[int] | None = None) -> tuple[Tensor,
     ``sae`` is a ``QwenScopeSAE`` (``features`` required) or a ``FeatureSubset`` (default: all of its
     features).
     """
-    if hasattr(sae, "ids"):  # FeatureSubset: one encoder row per loaded feature
+    if not sae.complete:  # a FeatureSubset: only its loaded features have encoder rows
         loaded = [int(i) for i in sae.ids.tolist()]
         ids = loaded if features is None else [int(f) for f in features]
         absent = [f for f in ids if f not in loaded]
         if absent:
             raise ValueError(f"feature {absent[0]} is not in this feature subset (loaded: {loaded})")
-        rows = [loaded.index(f) for f in ids]
-        return sae.W_enc[rows].float(), sae.b_enc[rows].float(), ids
-    if features is None:
+    elif features is None:
         raise ValueError("name the features to penalise (a full SAE has d_sae of them)")
-    ids = [int(f) for f in features]
-    d_sae = int(sae.cfg.d_sae)
-    bad = [f for f in ids if not 0 <= f < d_sae]
-    if bad:
-        raise ValueError(f"feature {bad[0]} out of range [0, {d_sae})")
-    return sae.W_enc.detach()[:, ids].T.float(), sae.b_enc.detach()[ids].float(), ids
+    else:
+        ids = [int(f) for f in features]
+        bad = [f for f in ids if not 0 <= f < sae.d_sae]
+        if bad:
+            raise ValueError(f"feature {bad[0]} out of range [0, {sae.d_sae})")
+    weight, bias = sae.encoder_rows(ids)
+    return weight.float(), bias.float(), ids
 
 
 @dataclass

@@ -117,8 +117,8 @@ def clamp(
 
     Needs a full ``QwenScopeSAE`` (Top-k must see every feature) and a local backend.
     """
-    if not hasattr(sae, "encode_sparse"):
-        raise ValueError("clamping needs the full SAE (Top-k sees every feature); load it without features=")
+    if not sae.complete:
+        raise ValueError("clamping needs the full SAE (Top-k sees every feature); load it with load_sae")
     features = [features] if isinstance(features, int) else list(features)
     layer = backend.check_sae(sae, layer) if backend is not None else _layer(sae, layer)
     directions = sae.directions(features).float()  # validates the ids

@@ -107,3 +107,21 @@ def save_layer_file(path: str | Path, state: dict[str, torch.Tensor]) -> Path:
     path = Path(path)
     torch.save({key: state[key].detach().contiguous() for key in KEYS}, path)
     return path
+
+
+@torch.no_grad()
+def released_layout(W_enc: torch.Tensor, W_dec: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor, *,
+                    b_dec_presub: bool, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """Trained weights in SAELens's orientation (``W_enc (d_in, d_sae)``, ``W_dec (d_sae, d_in)``) as the
+    four released tensors (new copies, each keeping its view's strides), with the training conventions folded in.
+
+    ``b_dec_presub``: training encoded ``x - b_dec``, so ``b_enc - W_enc^T b_dec`` replaces ``b_enc``.
+    ``scale``: training saw ``x / scale``; Top-k and ReLU commute with a positive factor, so both biases
+    are multiplied by it. The result computes ``ReLU(TopK_k(W_enc x + b_enc))`` / ``W_dec z + b_dec`` on raw ``x``.
+    """
+    rows = W_enc.detach().T
+    if b_dec_presub:
+        b_enc = b_enc.detach() - rows @ b_dec.detach()
+    return {key: value.detach().clone() for key, value in (
+        ("W_enc", rows), ("W_dec", W_dec.detach().T), ("b_enc", b_enc * scale), ("b_dec", b_dec * scale))}
+

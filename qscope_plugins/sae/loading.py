@@ -1,4 +1,4 @@
-"""``load_sae``: one entry point for hub ids, SAELens release names, directories and files.
+"""``load_sae`` / ``load_feature_subset``: hub ids, SAELens release names, directories and files.
 
 Where a fact can come from the catalog (shape, k, backbone) it does, and the file is checked
 against it; otherwise k and width come from a Qwen-Scope-style name or a converted sidecar.
@@ -198,24 +198,45 @@ def load_sae(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
     relu: bool = True,
-    features: list[int] | None = None,
     revision: str | None = None,
-) -> QwenScopeSAE | FeatureSubset:
+) -> QwenScopeSAE:
     """Load one layer's Qwen-Scope SAE.
 
     ``source``: an HF repo id (``"Qwen/SAE-Res-Qwen3-1.7B-Base-W32K-L0_50"``), a SAELens
     release name (``"qwen-scope-3-1.7b-base-w32k-l50"``), a directory holding
     ``layer{n}.sae.pt`` or converted ``layer{n}/`` folders, or a single file. ``dtype``
-    defaults to the stored precision (float32 for released files). With ``features=[...]`` only those
-    features' encoder rows and decoder columns are read, and a :class:`FeatureSubset` is
-    returned (Top-k itself needs the full encoder, so it cannot encode).
+    defaults to the stored precision (float32 for released files). For a few features only, see
+    :func:`load_feature_subset`.
 
     Arguments are checked before any file is read: ``layer`` and ``k`` are ints (NumPy integers
-    pass; bools and floats raise ``TypeError``), ``features`` a non-empty flat list of distinct
-    int ids. Every tensor read is checked finite (subsets: their rows and both biases). A
-    converted sidecar must agree with itself and with the weights' shapes, and a full load
-    checks the weights' sha256 against the sidecar's record (once per file version and process).
+    pass; bools and floats raise ``TypeError``). Every tensor read is checked finite. A converted
+    sidecar must agree with itself and with the weights' shapes, and the weights' sha256 is checked
+    against the sidecar's record (once per file version and process).
     """
+    return _load(source, layer, k=k, device=device, dtype=dtype, relu=relu, features=None, revision=revision)
+
+
+def load_feature_subset(
+    source: str | os.PathLike,
+    layer: int,
+    features,
+    *,
+    k: int | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+    revision: str | None = None,
+) -> FeatureSubset:
+    """Load only ``features``' encoder rows, decoder columns and biases of one layer's SAE.
+
+    ``source``, ``k``, ``dtype`` and ``revision`` as for :func:`load_sae`. ``features`` is a
+    non-empty flat list of int ids (repeats are dropped with a warning, first occurrence kept);
+    only their rows are read and checked finite, with both biases. A :class:`FeatureSubset` cannot
+    Top-k encode (that needs the full encoder).
+    """
+    return _load(source, layer, k=k, device=device, dtype=dtype, relu=True, features=features, revision=revision)
+
+
+def _load(source, layer, *, k, device, dtype, relu, features, revision):
     if k is not None:
         k = as_index(k, "k")
         if k < 1:
@@ -247,7 +268,7 @@ def load_sae(
         parts = _cast_all({"W_enc": rows_enc, "W_dec": rows_dec, "b_enc": b_enc, "b_dec": b_dec},
                           target, str(resolved.path))
         return subset_from_rows(ids, parts["W_enc"], parts["W_dec"], parts["b_enc"], parts["b_dec"],
-                                _metadata(resolved), device=device, dtype=target)
+                                _metadata(resolved), d_sae=d_sae, k=k, device=device, dtype=target)
     name = str(resolved.path)
     W_enc_rows = materialize(state["W_enc"], device=device, dtype=target, transpose=False, source=name, key="W_enc")
     W_dec_rows = materialize(state["W_dec"], device=device, dtype=target, transpose=True, source=name, key="W_dec")
@@ -276,7 +297,7 @@ def _feature_ids(features, d_sae: int, resolved: ResolvedSource) -> torch.Tensor
         0, inverse, torch.arange(ids.numel()), reduce="amin")
     kept = ids[first.sort().values]
     warnings.warn(f"features: {ids.numel() - kept.numel()} repeated ids dropped ({kept.numel()} distinct kept, "
-                  "in first-seen order)", stacklevel=3)
+                  "in first-seen order)", stacklevel=4)
     return kept
 
 
@@ -298,7 +319,7 @@ def feature_ids(features) -> torch.Tensor:
     else:
         items = [as_index(f, "feature id") if not isinstance(f, (list, tuple)) else _nested(f) for f in features]
     if not items:
-        raise ValueError("features is empty: pass at least one feature id (or features=None for the full SAE)")
+        raise ValueError("features is empty: pass at least one feature id (or load_sae for the full SAE)")
     return torch.tensor(items, dtype=torch.long)  # range and repeats are checked against d_sae (_feature_ids)
 
 
@@ -385,7 +406,7 @@ def _load_converted(resolved, *, k, device, dtype, relu, ids):
             parts = _cast_all({"W_enc": rows_enc, "W_dec": rows_dec, "b_enc": b_enc, "b_dec": handle.get_tensor("b_dec")},
                               dtype, name)
             return subset_from_rows(ids, parts["W_enc"], parts["W_dec"], parts["b_enc"], parts["b_dec"],
-                                    _metadata(resolved), device=device, dtype=dtype)
+                                    _metadata(resolved), d_sae=d_sae, k=k, device=device, dtype=dtype)
         tensors = {key: handle.get_tensor(key) for key in want}
     dtype = dtype or tensors["W_enc"].dtype
     for key, value in tensors.items():

@@ -48,16 +48,21 @@ class TopKCodes(NamedTuple):
 
 
 @dataclass
-class QwenScopeSAEConfig(TopKSAEConfig):
-    """TopK config plus the ReLU switch: ``relu=False`` gives the model-card encoder."""
+class QwenScopeConventions:
+    """What the ``qwen_scope_topk`` configs (inference and training) add to SAELens's Top-k ones: the
+    ReLU switch (``relu=False`` gives the model-card encoder) and no ``b_dec`` pre-subtraction."""
 
     relu: bool = True
     apply_b_dec_to_input: bool = False
 
-    @override
     @classmethod
     def architecture(cls) -> str:
         return ARCHITECTURE
+
+
+@dataclass
+class QwenScopeSAEConfig(QwenScopeConventions, TopKSAEConfig):
+    """SAELens's ``TopKSAEConfig`` with :class:`QwenScopeConventions`."""
 
 
 class QwenScopeSAE(TopKSAE):
@@ -139,6 +144,22 @@ class QwenScopeSAE(TopKSAE):
     def k(self) -> int:
         return self.cfg.k
 
+    @property
+    def d_in(self) -> int:
+        return self.cfg.d_in
+
+    @property
+    def d_sae(self) -> int:
+        return self.cfg.d_sae
+
+    @property
+    def metadata(self):
+        """``cfg.metadata`` (SAELens's ``SAEMetadata``, a mapping)."""
+        return self.cfg.metadata
+
+    complete = True
+    """Every feature is held, so Top-k codes can be computed (see :mod:`.protocol`)."""
+
     # ------------------------------------------------------------------ encoder
     def encode_pre(self, x: torch.Tensor) -> torch.Tensor:
         """Raw pre-activations ``W_enc x + b_enc`` (before any decoder-norm rescaling, Top-k and ReLU;
@@ -194,6 +215,11 @@ class QwenScopeSAE(TopKSAE):
         """Raw decoder columns of ``features``, shape ``(len(features), d_in)`` (a copy)."""
         ids = self._check_features(features)
         return self.W_dec.detach()[ids.to(self.W_dec.device)].clone()
+
+    def encoder_rows(self, features: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of the encoder rows ``(len(features), d_in)`` and biases ``(len(features),)`` of ``features``."""
+        ids = self._check_features(features).to(self.W_enc.device)
+        return self.W_enc.detach()[:, ids].T.clone(), self.b_enc.detach()[ids].clone()
 
     def _check_features(self, features: Sequence[int] | torch.Tensor) -> torch.Tensor:
         ids = torch.as_tensor(features, dtype=torch.long).reshape(-1)

@@ -22,20 +22,12 @@ import torch
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 from typing_extensions import override
 
-from .topk import ARCHITECTURE
+from .topk import QwenScopeConventions
 
 
 @dataclass
-class QwenScopeTrainingSAEConfig(TopKTrainingSAEConfig):
-    """``TopKTrainingSAEConfig`` plus the ReLU switch, with Qwen-Scope's input convention."""
-
-    relu: bool = True
-    apply_b_dec_to_input: bool = False
-
-    @override
-    @classmethod
-    def architecture(cls) -> str:
-        return ARCHITECTURE
+class QwenScopeTrainingSAEConfig(QwenScopeConventions, TopKTrainingSAEConfig):
+    """SAELens's ``TopKTrainingSAEConfig`` with :class:`~qscope_plugins.sae.topk.QwenScopeConventions`."""
 
 
 class _TopKNoReLU(torch.nn.Module):
