@@ -54,6 +54,7 @@ class TopKSAE:
         self.b_enc = 0.1 * torch.randn(d_sae, generator=gen)
         self.b_dec = 0.1 * torch.randn(d_in, generator=gen)
         self.cfg = SimpleNamespace(d_in=d_in, d_sae=d_sae, k=k)
+        self.d_in, self.d_sae, self.k = d_in, d_sae, k  # the protocol's sizes (qscope_plugins.sae.SparseAutoencoder)
         self.layer = layer
 
     def encode_sparse(self, x: torch.Tensor):
@@ -65,6 +66,19 @@ class TopKSAE:
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode_sparse(*self.encode_sparse(x))
+
+    complete = True  # every feature held: Top-k works
+    metadata: dict = {}
+
+    def encode_pre(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.W_enc + self.b_enc
+
+    def directions(self, features) -> torch.Tensor:
+        return self.W_dec[torch.as_tensor(features, dtype=torch.long)]
+
+    def encoder_rows(self, features) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.as_tensor(features, dtype=torch.long)
+        return self.W_enc[:, ids].T.clone(), self.b_enc[ids].clone()
 
 
 def recipe_modules() -> list[str]:

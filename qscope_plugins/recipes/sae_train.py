@@ -34,7 +34,6 @@ from typing import Any
 from torch import Tensor
 
 from ..catalog import LAYER_FILE
-from ..sae.format import released_layout
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +156,8 @@ def released_state(sae) -> dict[str, Tensor]:
     if cfg.normalize_activations != "none":
         raise ValueError(f"normalize_activations={cfg.normalize_activations!r} cannot be exported: Qwen-Scope "
                          "SAEs read raw residuals (train with normalize_activations='none')")
+    from ..sae.format import released_layout  # qscope_plugins.sae imports SAELens: only when exporting
+
     folded = copy.deepcopy(sae).float()
     if getattr(cfg, "rescale_acts_by_decoder_norm", False):
         folded.fold_W_dec_norm()  # SAELens's own fold: unit decoder rows, same Top-k choice and output
