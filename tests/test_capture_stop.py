@@ -59,3 +59,31 @@ def test_layer_functions_stop_signal():
         fns[3](torch.zeros(2))
     assert torch.equal(captured[3], torch.zeros(2))
     assert sorted(layer_functions({}, [1], {}, stop=False)) == [1]
+
+
+@pytest.fixture(scope="module", params=["bridge", "hooked", "nnsight"])
+def framework_backend(request):
+    from test_backends import make_backend
+
+    return make_backend(request.param, tiny_model("Qwen3ForCausalLM", seed=5), tiny_tokenizer())
+
+
+def test_framework_capture_stops_after_the_deepest_layer(framework_backend):
+    """TransformerLens (HookedTransformer and bridge) and nnsight also skip the deeper layers and
+    the head; the captured values equal the HF model's own layer outputs."""
+    hf_model = tiny_model("Qwen3ForCausalLM", seed=5)
+    ran = []
+    torch_model = getattr(framework_backend.model, "_model", framework_backend.model)
+    deeper = [m for name, m in torch_model.named_modules() if name.endswith(("layers.2", "layers.3", "blocks.2",
+                                                                                "blocks.3", "lm_head", "unembed"))]
+    assert len(deeper) == 3
+    handles = [m.register_forward_hook(lambda *_: ran.append(1)) for m in deeper]
+    try:
+        (rb,) = list(framework_backend.residuals(PROMPTS, [0, 1], batch_size=8))
+    finally:
+        for h in handles:
+            h.remove()
+    assert not ran, "layers after the deepest captured one (or the LM head) ran"
+    _, outputs = hf_layer_outputs(hf_model, rb.batch.input_ids.cpu())
+    for n in (0, 1):
+        torch.testing.assert_close(rb.hidden[n][rb.mask].cpu(), outputs[n][rb.mask.cpu()], rtol=1e-5, atol=1e-5)

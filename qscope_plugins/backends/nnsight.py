@@ -77,9 +77,10 @@ class NNsightBackend(Backend):
 
     def _capture(self, batch: Batch, layers: Sequence[int], interventions: Sequence[Intervention]) -> dict[int, Tensor]:
         model, edits, mask = self.model, _on(self.device, interventions), batch.attention_mask
-        with model.trace({"input_ids": batch.input_ids}, use_cache=False, **self._trace_kwargs):
+        with model.trace({"input_ids": batch.input_ids}, use_cache=False, **self._trace_kwargs) as tracer:
             hidden = trace_fns.apply(model, edits, read=layers, attention_mask=mask)
             nnsight.save(hidden)
+            tracer.stop()  # the deeper layers and the LM head cannot change what was read
         return hidden
 
     def _generate(self, batch: Batch, interventions: Sequence[Intervention], max_new_tokens: int, sampling: Sampling) -> Tensor:

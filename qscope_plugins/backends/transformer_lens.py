@@ -11,6 +11,7 @@ mask stated explicitly.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from functools import cached_property
 
@@ -22,9 +23,9 @@ from transformer_lens.utilities.logits_utils import sample_logits
 
 from ..remote import Intervention
 from .base import Backend
-from .editing import Editor, editors_by_layer, layer_functions
-from .types import Batch, Sampling
+from .editing import Editor, StopForward, editors_by_layer, layer_functions
 from .hf import logit_head, watch_module
+from .types import Batch, Sampling
 
 
 def hook_name(layer: int) -> str:
@@ -78,11 +79,13 @@ class TransformerLensBackend(Backend):
 
     def _capture(self, batch: Batch, layers: Sequence[int], interventions: Sequence[Intervention]) -> dict[int, Tensor]:
         captured: dict[int, Tensor] = {}
-        hooks = self._fwd_hooks(layer_functions(self._editors(batch, interventions), layers, captured))
+        functions = layer_functions(self._editors(batch, interventions), layers, captured, stop=self.bridge)
+        hooks = self._fwd_hooks(functions)
         # Right padding + causal attention: the real positions need no mask (see backends.base).
-        # HookedTransformer can stop after the last captured layer; later edits cannot matter.
+        # The forward stops after the last captured layer (later edits cannot matter): by
+        # HookedTransformer's stop_at_layer, and by StopForward from the bridge's capture hook.
         kwargs = {} if self.bridge else {"stop_at_layer": max(layers) + 1}
-        with self.model.hooks(fwd_hooks=hooks):
+        with self.model.hooks(fwd_hooks=hooks), contextlib.suppress(StopForward):
             self.model(batch.input_ids, **kwargs)
         return captured
 

@@ -17,6 +17,9 @@ from transformer_lens.components.mlps.moe import MoE
 from transformer_lens.config.hooked_transformer_config import HookedTransformerConfig
 from transformer_lens.hook_points import HookPoint
 
+from ._attention import use_fused_attention
+from ._memory_layout import use_hf_memory_layout
+
 
 class RoutedMoE(MoE):
     """Top-k routed experts with hooks on every routing decision.
@@ -69,7 +72,8 @@ def mixed_block(cfg: HookedTransformerConfig, block_index: int, moe: type[MoE] |
 
     The block is built from a dense copy of ``cfg`` (TransformerLens picks the MLP from the
     config), then every submodule is pointed back at ``cfg`` itself, so runtime switches such
-    as ``model.set_use_attn_result(True)`` reach this block too.
+    as ``model.set_use_attn_result(True)`` reach this block too. Its attention is fused
+    (:func:`~._attention.use_fused_attention`) and its weights are in HF's memory layout.
     """
     dense_cfg = dataclasses.replace(cfg, num_experts=None, experts_per_token=None, d_mlp=d_mlp)
     block = TransformerBlock(dense_cfg, block_index)
@@ -78,4 +82,4 @@ def mixed_block(cfg: HookedTransformerConfig, block_index: int, moe: type[MoE] |
     for module in block.modules():
         if getattr(module, "cfg", None) is dense_cfg:
             module.cfg = cfg
-    return block
+    return use_hf_memory_layout(use_fused_attention(block))

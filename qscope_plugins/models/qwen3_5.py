@@ -29,6 +29,7 @@ from ._common import (
     gated_mlp_weights,
     text_model,
 )
+from ._memory_layout import use_hf_memory_layout
 from .components import HybridBlock
 
 HF_ARCHITECTURES: tuple[str, ...] = ("Qwen3_5ForCausalLM", "Qwen3_5ForConditionalGeneration")
@@ -54,7 +55,7 @@ def hooked_config(hf_config) -> QwenHookedConfig:
 
 
 def make_block(cfg: QwenHookedConfig, block_index: int) -> HybridBlock:
-    return HybridBlock(cfg, block_index, GatedMLP(cfg))
+    return use_hf_memory_layout(HybridBlock(cfg, block_index, GatedMLP(cfg)))
 
 
 def supports_fold_ln(cfg: QwenHookedConfig) -> bool:

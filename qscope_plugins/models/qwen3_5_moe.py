@@ -8,6 +8,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ._common import QwenHookedConfig, expert_weights, gated_mlp_weights
+from ._memory_layout import use_hf_memory_layout
 from .components import HybridBlock, SharedExpertMoE
 from .qwen3_5 import convert_hybrid, hybrid_config, supports_fold_ln
 from .qwen3_moe import moe_fields
@@ -22,7 +23,7 @@ def hooked_config(hf_config) -> QwenHookedConfig:
 
 
 def make_block(cfg: QwenHookedConfig, block_index: int) -> HybridBlock:
-    return HybridBlock(cfg, block_index, SharedExpertMoE(cfg))
+    return use_hf_memory_layout(HybridBlock(cfg, block_index, SharedExpertMoE(cfg)))
 
 
 def shared_expert_moe_weights(mlp: nn.Module, prefix: str) -> dict[str, Tensor]:

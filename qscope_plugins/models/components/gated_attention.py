@@ -4,21 +4,21 @@ HF's ``q_proj`` is twice as wide as the query: per head it emits the query and a
 same size, and the attention output is multiplied by ``sigmoid(gate)`` before ``o_proj``. Here
 the gate has its own weight ``W_G`` (shaped like ``W_Q``) and everything else -- q/k norm,
 partial rotary, the causal mask, the KV cache, ``hook_pattern`` -- is TransformerLens's own
-``GroupedQueryAttention``.
+``GroupedQueryAttention``, fused through SDPA when nothing hooks the pattern (:mod:`.._attention`).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from transformer_lens.components import GroupedQueryAttention
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities.attention import simple_attn_linear
 
+from .._attention import FusedGroupedQueryAttention
 from .zero_centred_rms_norm import ZeroCentredRMSNorm
 
 
-class OutputGatedAttention(GroupedQueryAttention):
+class OutputGatedAttention(FusedGroupedQueryAttention):
     """``GroupedQueryAttention`` + ``z * sigmoid(x @ W_G + b_G)`` before ``W_O``.
 
     Hooks added to TransformerLens's: ``hook_gate`` (pre-sigmoid gate, ``[batch, pos, head * d_head]``,
@@ -44,7 +44,6 @@ class OutputGatedAttention(GroupedQueryAttention):
         self._pending_gate = self.hook_gate(gate.flatten(-2)).unflatten(-1, gate.shape[-2:])
         return super().calculate_qkv_matrices(query_input, key_input, value_input)
 
-    def calculate_z_scores(self, v, pattern):
-        z = super().calculate_z_scores(v, pattern)
+    def output_gate(self, z):
         gate, self._pending_gate = self._pending_gate, None
         return z * torch.sigmoid(gate.to(z.device))
