@@ -2,23 +2,26 @@
 
 import torch
 
-from qscope_plugins.demo.sae_train import SAEConfig, _TopKSAE, encode, reconstruct, train_nano_sae
-from qscope_plugins.sae.format import released_layout
+from qscope_plugins.demo.sae_train import SAEConfig, encode, reconstruct, train_nano_sae
+from qscope_plugins.recipes.sae_train import released_state
 from qscope_plugins.sae.metrics import explained_variance
+from qscope_plugins.sae.training import AuxKTrainingSAE, AuxKTrainingSAEConfig
 
 
 def test_the_fold_is_bit_identical_to_the_nano_trainers_own_export():
     """The nano trainer exported ``(b_enc - W_enc @ b_dec) * scale`` from its own (d_sae, d_model) rows;
-    the shared fold, given the same parameters in SAELens's orientation, gives the same bits and strides."""
+    the shared fold, given its SAELens training SAE, gives the same bits and strides."""
     gen = torch.Generator().manual_seed(4)
-    sae = _TopKSAE(torch.randn(16, 64, generator=gen), torch.randn(16, generator=gen), k=4)
+    sae = AuxKTrainingSAE(AuxKTrainingSAEConfig(d_in=16, d_sae=64, k=4))
+    sae.initialise_at(torch.randn(64, 16, generator=gen), torch.randn(16, generator=gen))
     with torch.no_grad():
         sae.b_enc.normal_(generator=gen)
     scale = 1.7
-    old = {"W_enc": sae.W_enc.detach().clone(), "W_dec": sae.W_dec.detach().clone(),
-           "b_enc": ((sae.b_enc - sae.W_enc @ sae.b_dec) * scale).detach().clone(),
+    rows = sae.W_enc.T
+    old = {"W_enc": rows.detach().clone(), "W_dec": sae.W_dec.T.detach().clone(),
+           "b_enc": ((sae.b_enc - rows @ sae.b_dec) * scale).detach().clone(),
            "b_dec": (sae.b_dec * scale).detach().clone()}
-    new = released_layout(sae.W_enc.T, sae.W_dec.T, sae.b_enc, sae.b_dec, b_dec_presub=True, scale=scale)
+    new = released_state(sae, scale=scale)
     for key in old:
         assert torch.equal(new[key], old[key]) and new[key].stride() == old[key].stride(), key
         assert new[key].data_ptr() != getattr(sae, key).data_ptr()  # copies, not the parameters

@@ -26,7 +26,8 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,9 +148,154 @@ def train_sae(cfg, data: Sequence[str] | Any, *, norm_factor: float | None = NOR
     return Trained(sae, norm_filter, out_dir)
 
 
-def released_state(sae) -> dict[str, Tensor]:
+INITS = ("data", "saelens")
+"""``init`` of :func:`train_sae_on_activations`: latents at training points, or SAELens's own initialisation."""
+
+
+@dataclass
+class TrainedOnActivations:
+    """A finished :func:`train_sae_on_activations` run: SAELens's trained SAE, which reads ``x / scale``."""
+
+    sae: Any
+    scale: float
+
+    def released(self) -> dict[str, Tensor]:
+        """The four tensors in the released layout, for raw inputs (:func:`released_state`)."""
+        return released_state(self.sae, scale=self.scale)
+
+
+def warm_up_decay(step: int, total: int) -> float:
+    """The learning-rate factor of step ``step`` (from 0) of ``total``: linear warm-up over the first
+    tenth of the steps, constant, then linear decay to 0 over the last fifth."""
+    return min(1.0, 10 * (step + 1) / total, 5 * (1 - step / total))
+
+
+@contextmanager
+def unclipped_gradients(params: Sequence[Any], optimizer: Any) -> Iterator[None]:
+    """Within the block, ``optimizer`` steps on the gradients as backward left them.
+
+    SAELens's ``SAETrainer`` clips the gradient norm to 1 between backward and the optimizer step
+    (hard-coded); each gradient is kept as autograd finishes it and put back just before the step.
+    """
+    kept: dict[Any, Tensor] = {}
+
+    def keep(param) -> None:
+        kept[param] = param.grad.clone()
+
+    def restore(*_) -> None:
+        for param, grad in kept.items():
+            param.grad = grad
+        kept.clear()
+
+    handles = [param.register_post_accumulate_grad_hook(keep) for param in params]
+    handles.append(optimizer.register_step_pre_hook(restore))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def train_sae_on_activations(
+    acts: Tensor,
+    *,
+    d_sae: int,
+    k: int,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int = 0,
+    k_aux: int = 64,
+    aux_weight: float = AUX_WEIGHT,
+    dead_after_tokens: int = 50_000,
+    init: str = "data",
+    scale_inputs: bool = True,
+) -> TrainedOnActivations:
+    """Train a Top-k SAE on activations in memory, ``acts`` ``(tokens, d_in)``, with SAELens's ``SAETrainer``.
+
+    SAELens runs the loop: its trainer, Adam (betas 0.9 / 0.999), the step and sample counts, fed
+    by a data provider of ``epochs`` shuffled passes over ``acts`` (``batch_size`` rows a step; the
+    last partial batch of a pass is dropped). The SAE is
+    :class:`~qscope_plugins.sae.training.AuxKTrainingSAE` (AuxK against latents that have not fired
+    for ``dead_after_tokens`` tokens, weight ``aux_weight``, top ``k_aux`` of them; unit-norm
+    decoder). Options of ours around the trainer:
+
+    * ``init="data"``: latent ``f`` starts at a random training point (minus the mean), encoder
+      ``W_dec^T / k``, ``b_dec`` the mean, which keeps latents alive on small clustered data;
+      ``"saelens"`` keeps SAELens's initialisation.
+    * ``scale_inputs``: training reads ``x / scale`` (unit variance per coordinate), so one
+      learning rate suits every layer; the export folds the scale back in.
+    * the schedule :func:`warm_up_decay` (as a ``LambdaLR`` in place of SAELens's scheduler),
+      the decoder renormalised after every optimizer step, and no gradient clipping
+      (:func:`unclipped_gradients`).
+
+    ``seed`` fixes the initial points and the shuffles (and seeds torch's global generator).
+    """
+    import torch
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    from ..sae.metrics import explained_variance
+    from ..sae.training import AuxKTrainingSAE, AuxKTrainingSAEConfig
+
+    if init not in INITS:
+        raise ValueError(f"init must be one of {', '.join(map(repr, INITS))}, got {init!r}")
+    n, d_in = acts.shape
+    steps = epochs * (n // batch_size)
+    if steps < 1:
+        raise ValueError(f"no training step: {epochs} epoch(s) of {n} activations in batches of {batch_size}")
+    if init == "data" and d_sae > n:
+        raise ValueError(f"init='data' starts each of the {d_sae} latents at a training point; only {n} given")
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    mean = acts.mean(0)
+    scale = float((acts - mean).pow(2).sum(1).mean().sqrt()) / d_in**0.5 if scale_inputs else 1.0
+    sae = AuxKTrainingSAE(AuxKTrainingSAEConfig(
+        d_in=d_in, d_sae=d_sae, k=k, k_aux=k_aux, aux_loss_coefficient=aux_weight,
+        dead_after_tokens=dead_after_tokens, device=str(acts.device)))
+    if init == "data":
+        sae.initialise_at(acts[torch.randperm(n, generator=generator)[:d_sae]] - mean, mean / scale)
+
+    def log_epoch(epoch: int, x: Tensor) -> None:
+        with torch.no_grad():
+            ev = explained_variance(x, sae.decode(sae.encode(x)))
+        log.info("sae epoch %d: explained variance %.4f on its last batch, dead %d", epoch, ev,
+                 int((sae.tokens_since_fired > dead_after_tokens).sum()))
+
+    last = {}  # the batch of the latest step
+
+    def batches() -> Iterator[Tensor]:
+        for epoch in range(epochs):
+            if epoch:  # the trainer asks for this batch once the previous epoch's last step is done
+                log_epoch(epoch - 1, last["x"])
+            order = torch.randperm(n, generator=generator)
+            for start in range(0, n - batch_size + 1, batch_size):
+                last["x"] = acts[order[start : start + batch_size]] / scale
+                yield last["x"]
+
+    trainer = SAETrainer(
+        cfg=SAETrainerConfig(
+            total_training_samples=steps * batch_size, train_batch_size_samples=batch_size, lr=lr, lr_end=lr,
+            device=str(acts.device), dead_feature_window=max(1, dead_after_tokens // batch_size),
+            feature_sampling_window=steps + 1),
+        sae=sae, data_provider=batches())
+    trainer.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda step: warm_up_decay(step, steps))
+    normalise = trainer.optimizer.register_step_post_hook(lambda *_: sae.normalise_decoder())
+    try:
+        with unclipped_gradients(list(sae.parameters()), trainer.optimizer):
+            trainer.fit()
+    finally:
+        normalise.remove()
+    log_epoch(epochs - 1, last["x"])  # fit asks for no batch after the last step
+    return TrainedOnActivations(sae, scale)
+
+
+def released_state(sae, *, scale: float = 1.0) -> dict[str, Tensor]:
     """The four tensors of a SAELens Top-k SAE in the released orientation, with every training-time
-    convention folded in, so that ``ReLU(TopK_k(W_enc x + b_enc))`` reproduces ``sae.encode(x)``."""
+    convention folded in, so that ``ReLU(TopK_k(W_enc x + b_enc))`` reproduces ``sae.encode(x)``.
+
+    ``scale``: the SAE was trained on ``x / scale``; the export then reads raw ``x`` (its codes are
+    ``scale`` times the training codes)."""
     cfg = sae.cfg
     if cfg.architecture() not in ("topk", "qwen_scope_topk"):
         raise ValueError(f"only Top-k SAEs fit the Qwen-Scope format; this one is {cfg.architecture()!r}")
@@ -162,7 +308,7 @@ def released_state(sae) -> dict[str, Tensor]:
     if getattr(cfg, "rescale_acts_by_decoder_norm", False):
         folded.fold_W_dec_norm()  # SAELens's own fold: unit decoder rows, same Top-k choice and output
     return released_layout(folded.W_enc, folded.W_dec, folded.b_enc, folded.b_dec,
-                           b_dec_presub=cfg.apply_b_dec_to_input)
+                           b_dec_presub=cfg.apply_b_dec_to_input, scale=scale)
 
 
 def export_qwen_scope(sae, out_dir: str | os.PathLike, layer: int) -> Path:

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 from typing_extensions import override
 
@@ -64,3 +65,91 @@ class QwenScopeTrainingSAE(TopKTrainingSAE):
             if isinstance(value, torch.Tensor) and not value.is_contiguous():
                 state_dict[key] = value.contiguous()
 
+
+
+def topk_relu(pre: torch.Tensor, k: int) -> torch.Tensor:
+    """Dense codes ``ReLU(TopK_k(pre))`` (the k largest, sorted, then the ReLU, scattered into zeros)."""
+    values, indices = pre.topk(k, dim=-1)
+    return torch.zeros_like(pre).scatter_(-1, indices, values.relu())
+
+
+@dataclass
+class AuxKTrainingSAEConfig(QwenScopeTrainingSAEConfig):
+    """:class:`QwenScopeTrainingSAEConfig` for :class:`AuxKTrainingSAE`: Gao et al.'s AuxK settings.
+
+    A latent is dead once it has not fired for more than ``dead_after_tokens`` training tokens;
+    the auxiliary loss (weight ``aux_loss_coefficient``) reconstructs the error from the top
+    ``k_aux`` dead pre-activations. The defaults encode ``x - b_dec`` (``apply_b_dec_to_input``) and
+    keep the decoder at unit norm instead of rescaling by it.
+    """
+
+    k_aux: int = 64
+    dead_after_tokens: int = 50_000
+    apply_b_dec_to_input: bool = True
+    rescale_acts_by_decoder_norm: bool = False
+
+
+class AuxKTrainingSAE(QwenScopeTrainingSAE):
+    """A SAELens training SAE whose own training step follows Gao et al. (2024) as the nano build does.
+
+    :meth:`training_forward_pass` computes ``pre = (x - b_dec) W_enc + b_enc``,
+    ``z = ReLU(TopK_k(pre))``, ``x_hat = z W_dec + b_dec`` and the summed squared error per token,
+    averaged; it counts, per latent, the training tokens since it last fired, *this batch
+    included*, and adds the AuxK term on the latents dead by that count (SAELens's trainer counts
+    steps and passes the mask of the step before; that mask is ignored). :meth:`normalise_decoder`
+    puts every decoder row back to unit norm (call it after each optimizer step), and
+    :meth:`initialise_at` starts the latents at given points. SAELens's own ``encode`` / ``decode``
+    compute the same codes and reconstructions, so the trained SAE exports like any other.
+    """
+
+    cfg: AuxKTrainingSAEConfig  # type: ignore[assignment]
+
+    def __init__(self, cfg: AuxKTrainingSAEConfig, use_error_term: bool = False):
+        if not cfg.relu or cfg.rescale_acts_by_decoder_norm or cfg.use_sparse_activations:
+            raise ValueError("AuxKTrainingSAE trains ReLU Top-k codes on a unit-norm decoder: it needs relu=True, "
+                             "rescale_acts_by_decoder_norm=False and use_sparse_activations=False")
+        super().__init__(cfg, use_error_term)
+        self.register_buffer("tokens_since_fired", torch.zeros(cfg.d_sae, device=self.device), persistent=False)
+
+    @torch.no_grad()
+    def initialise_at(self, points: torch.Tensor, b_dec: torch.Tensor) -> None:
+        """Latent ``f`` starts at ``points[f]`` ``(d_sae, d_in)``: unit decoder row along it, encoder
+        column ``W_dec[f] / k`` (so the k winners' reconstruction starts near the input, not k times
+        it), ``b_enc = 0``, ``b_dec`` as given.
+
+        The parameters are views of ``(d_in, d_sae)`` decoder and ``(d_sae, d_in)`` encoder storage.
+        """
+        W_dec = points.T.contiguous()  # (d_in, d_sae): one column per latent
+        W_dec = W_dec / W_dec.norm(dim=0, keepdim=True)
+        self.W_dec = torch.nn.Parameter(W_dec.T)
+        self.W_enc = torch.nn.Parameter((W_dec.T / self.cfg.k).T)
+        self.b_enc = torch.nn.Parameter(torch.zeros(self.cfg.d_sae, device=points.device))
+        self.b_dec = torch.nn.Parameter(b_dec.clone())
+        self.tokens_since_fired.zero_()
+
+    @torch.no_grad()
+    def normalise_decoder(self) -> None:
+        """Unit-norm decoder rows, in place."""
+        W_dec = self.W_dec.T
+        W_dec /= W_dec.norm(dim=0, keepdim=True).clamp_min(1e-8)
+
+    @override
+    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        x = step_input.sae_in
+        pre = (x - self.b_dec) @ self.W_enc + self.b_enc
+        z = topk_relu(pre, self.cfg.k)
+        x_hat = z @ self.W_dec + self.b_dec
+        err = x - x_hat
+        mse = err.pow(2).sum(1).mean()
+        fired = (z > 0).any(0)
+        self.tokens_since_fired = torch.where(fired, 0.0, self.tokens_since_fired + x.shape[0])
+        dead = self.tokens_since_fired > self.cfg.dead_after_tokens
+        loss, losses = mse, {"mse_loss": mse}
+        if dead.any():
+            aux_pre = pre.masked_fill(~dead, float("-inf"))
+            z_aux = topk_relu(aux_pre, min(self.cfg.k_aux, int(dead.sum()))).nan_to_num(0.0)
+            aux = self.cfg.aux_loss_coefficient * (err.detach() - z_aux @ self.W_dec).pow(2).sum(1).mean()
+            loss = loss + aux
+            losses["auxiliary_reconstruction_loss"] = aux
+        return TrainStepOutput(sae_in=x, sae_out=x_hat, feature_acts=z, hidden_pre=pre, loss=loss, losses=losses,
+                               metrics={"dead_features": lambda: int(dead.sum())})
