@@ -19,6 +19,10 @@ What SAELens cannot do, done here in the least code:
   weights, so the file computes exactly ``ReLU(TopK_k(W_enc x + b_enc))`` / ``W_dec z + b_dec`` on
   raw residuals, then writes ``layer{n}.sae.pt`` (:func:`~qscope_plugins.sae.format.save_layer_file`)
   and ``layer{n}/`` safetensors + sidecar (:func:`~qscope_plugins.sae.convert.convert_layer`).
+
+On activations already in memory (the nano build's SAEs), :func:`train_sae_on_activations` runs
+SAELens's ``SAETrainer`` itself, with the initialisation, input scale, schedule and AuxK
+accounting small clustered data needs as options of ours (``docs/training_saes.md``).
 """
 
 from __future__ import annotations

@@ -12,6 +12,10 @@ The only behaviour added to ``TopKTrainingSAE`` is the ``relu`` switch of ``Qwen
 config defaults follow Qwen-Scope (no ``b_dec`` pre-subtraction) except
 ``rescale_acts_by_decoder_norm``, which keeps SAELens's training default (True) for SAEs created
 from scratch and is read from the file (False for the released SAEs) when loading one.
+
+:class:`AuxKTrainingSAE` is the same SAE with its own training step (Gao et al.'s AuxK with dead
+latents counted in tokens, a unit-norm decoder, latents started at given points), which
+:func:`qscope_plugins.recipes.sae_train.train_sae_on_activations` trains with ``SAETrainer``.
 """
 
 from __future__ import annotations
