@@ -155,5 +155,4 @@ class AuxKTrainingSAE(QwenScopeTrainingSAE):
             aux = self.cfg.aux_loss_coefficient * (err.detach() - z_aux @ self.W_dec).pow(2).sum(1).mean()
             loss = loss + aux
             losses["auxiliary_reconstruction_loss"] = aux
-        return TrainStepOutput(sae_in=x, sae_out=x_hat, feature_acts=z, hidden_pre=pre, loss=loss, losses=losses,
-                               metrics={"dead_features": lambda: int(dead.sum())})
+        return TrainStepOutput(sae_in=x, sae_out=x_hat, feature_acts=z, hidden_pre=pre, loss=loss, losses=losses)
