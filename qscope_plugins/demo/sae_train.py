@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from ..recipes.sae_train import train_sae_on_activations
-from ..sae.training import topk_relu
+from ..sae.format import topk_relu
 
 
 @dataclass(frozen=True)

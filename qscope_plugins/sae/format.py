@@ -109,6 +109,12 @@ def save_layer_file(path: str | Path, state: dict[str, torch.Tensor]) -> Path:
     return path
 
 
+def topk_relu(pre: torch.Tensor, k: int) -> torch.Tensor:
+    """Dense codes ``ReLU(TopK_k(pre))`` of the released formula (the k largest, sorted, ReLU, scattered into zeros)."""
+    values, indices = pre.topk(k, dim=-1)
+    return torch.zeros_like(pre).scatter_(-1, indices, values.relu())
+
+
 @torch.no_grad()
 def released_layout(W_enc: torch.Tensor, W_dec: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor, *,
                     b_dec_presub: bool, scale: float = 1.0) -> dict[str, torch.Tensor]:

@@ -27,6 +27,7 @@ from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 from typing_extensions import override
 
+from .format import topk_relu
 from .topk import QwenScopeConventions
 
 
@@ -69,12 +70,6 @@ class QwenScopeTrainingSAE(TopKTrainingSAE):
             if isinstance(value, torch.Tensor) and not value.is_contiguous():
                 state_dict[key] = value.contiguous()
 
-
-
-def topk_relu(pre: torch.Tensor, k: int) -> torch.Tensor:
-    """Dense codes ``ReLU(TopK_k(pre))`` (the k largest, sorted, then the ReLU, scattered into zeros)."""
-    values, indices = pre.topk(k, dim=-1)
-    return torch.zeros_like(pre).scatter_(-1, indices, values.relu())
 
 
 @dataclass
