@@ -13,7 +13,11 @@ the HookedTransformer's weights, in units of one block's weights. For the HF row
 HF loader's own peak beyond its weights, for comparison. ``run`` peaks include the forward
 passes' activations. Linux only (``/proc/self/status``, ``clear_refs``).
 
-Usage: python benchmarks/model_load.py [--arch Qwen3ForCausalLM ...] [--device cpu|cuda]
+``--interleave`` adds a speed-only row per architecture: HF and hooked forwards alternated in one
+process (the hooked model built from the HF one), the ratio taken as the median over rounds of
+hooked tok/s over HF tok/s, so load that changes during the run affects both alike.
+
+Usage: python benchmarks/model_load.py [--arch Qwen3ForCausalLM ...] [--device cpu|cuda] [--interleave]
 """
 
 from __future__ import annotations
@@ -130,6 +134,44 @@ def worker(kind: str, directory: str, device: str, batch: int, seq: int, reps: i
     }
 
 
+def speed_worker(directory: str, device: str, batch: int, seq: int, reps: int) -> dict:
+    """HF and hooked forwards alternated in one process, so both see the same machine load.
+
+    The hooked model is built from the HF one (views of its weights: little extra memory). Each
+    round times one HF and one hooked forward back to back; the ratio is the median over rounds of
+    hooked tok/s / HF tok/s, robust to load that changes between rounds."""
+    warnings.filterwarnings("ignore")
+    from transformers import AutoModelForCausalLM
+
+    import qscope_plugins  # noqa: F401
+    from transformer_lens import HookedTransformer
+
+    hf_model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).to(device).eval()
+    hooked = HookedTransformer.from_pretrained_no_processing(directory, hf_model=hf_model, device=device)
+    ids = torch.randint(0, 32000, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
+
+    def timed(run) -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        run()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    hf_times, hooked_times = [], []
+    with torch.no_grad():
+        for i in range(reps + 1):
+            pair = (timed(lambda: hf_model(ids, use_cache=False)), timed(lambda: hooked(ids)))
+            if i:  # the first round is warm-up
+                hf_times.append(pair[0])
+                hooked_times.append(pair[1])
+    ratios = sorted(h / k for h, k in zip(hf_times, hooked_times))
+    return {"kind": "speed", "hf_tokens_per_s": batch * seq / sorted(hf_times)[len(hf_times) // 2],
+            "hooked_tokens_per_s": batch * seq / sorted(hooked_times)[len(hooked_times) // 2],
+            "ratio": ratios[len(ratios) // 2]}
+
+
 def _run_worker(kind: str, directory: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--dir", directory, "--device", args.device,
            "--batch", str(args.batch), "--seq", str(args.seq), "--reps", str(args.reps)]
@@ -150,9 +192,14 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--worker", choices=("hf", "hooked"), help=argparse.SUPPRESS)
+    parser.add_argument("--interleave", action="store_true",
+                        help="also time HF and hooked forwards alternated in one process (robust to changing load)")
+    parser.add_argument("--worker", choices=("hf", "hooked", "speed"), help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker == "speed":
+        print(json.dumps(speed_worker(args.dir, args.device, args.batch, args.seq, args.reps)))
+        return 0
     if args.worker:
         print(json.dumps(worker(args.worker, args.dir, args.device, args.batch, args.seq, args.reps)))
         return 0
@@ -171,6 +218,7 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as directory:
             save_checkpoint(tiny_model(arch, **SIZES[arch]), directory)  # the tiny config, scaled up
             hf, hooked = (_run_worker(kind, directory, args) for kind in ("hf", "hooked"))
+            speed = _run_worker("speed", directory, args) if args.interleave else None
         for row in (hf, hooked):
             if "error" in row:
                 failed = True
@@ -180,6 +228,13 @@ def main() -> int:
             print(f"{arch:24} {row['kind']:7} {_mib(row['load_peak'])} {_mib(row['run_peak'])} "
                   f"{_mib(row['weights_bytes'])} {row['load_s']:7.1f} {row['tokens_per_s']:7.0f} {ratio:>6} "
                   f"{row['beyond_layers']:15.2f}")
+        if speed is not None:
+            if "error" in speed:
+                failed = True
+                print(f"{arch:24} {'alt.':7} error: {speed['error']}")
+            else:
+                print(f"{arch:24} {'alt.':7} interleaved in one process: HF {speed['hf_tokens_per_s']:.0f} tok/s, "
+                      f"hooked {speed['hooked_tokens_per_s']:.0f} tok/s, median ratio {speed['ratio']:.2f}")
     return 1 if failed else 0
 
 

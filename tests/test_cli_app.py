@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -34,6 +35,10 @@ def test_cli_app_serves_on_localhost(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "qscope_plugins", "app", "--backend", "nnsight", "--layers", "2-3", "--index",
                              str(index_dir()), "--port", str(port)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    banner = f"qscope app: serving on http://127.0.0.1:{port}"
     try:
         deadline, page = time.monotonic() + 300, None
         while time.monotonic() < deadline and proc.poll() is None:
@@ -42,15 +47,19 @@ def test_cli_app_serves_on_localhost(tmp_path):
                 break
             except OSError:
                 time.sleep(0.5)
-        assert page is not None, proc.stdout.read() if proc.poll() is not None else "no answer"
+        assert page is not None, "".join(lines) if proc.poll() is not None else "no answer"
         assert "qscope explorer" in page
         config = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=5).read())
         assert {"text", "compare", "steer", "feature", "monitor"} <= {d.get("api_name") for d in config["dependencies"]}
         assert not (tmp_path / "cache").exists()  # --index given: nothing built in the cache
+        # Gradio answers requests before launch() returns to the line that prints the banner: wait for it.
+        while time.monotonic() < deadline and proc.poll() is None and not any(banner in line for line in lines):
+            time.sleep(0.2)
     finally:
         proc.terminate()
-        output = proc.communicate(timeout=30)[0]
-    assert f"qscope app: serving on http://127.0.0.1:{port}" in output
+        proc.wait(timeout=30)
+        reader.join(timeout=30)
+    assert any(banner in line for line in lines), "".join(lines)
 
 
 def test_nano_app_builds_its_index_once_in_the_cache(tmp_path, monkeypatch):

@@ -106,17 +106,15 @@ class FusedAttention(AbstractAttention):
         a query that may attend to no key gets zeros (TransformerLens turns its NaN row into 0)."""
         q_len, k_len = q.shape[1], k.shape[1]
         q_, k_, v_ = (t.transpose(1, 2) for t in (q, k, v))
-        if k_.shape[1] != q_.shape[1]:
-            repeat = q_.shape[1] // k_.shape[1]
-            k_, v_ = (t.repeat_interleave(repeat, dim=1) for t in (k_, v_))
         v_ = v_.to(q_.dtype)
-        scale = 1.0 / self.attn_scale
+        # Grouped-query heads go to SDPA as they are (no repeated copies of the keys and values).
+        sdpa = dict(scale=1.0 / self.attn_scale, enable_gqa=k_.shape[1] != q_.shape[1])
         if attention_mask is None and offset == 0 and q_len == k_len:
-            return F.scaled_dot_product_attention(q_, k_, v_, is_causal=True, scale=scale).transpose(1, 2)
+            return F.scaled_dot_product_attention(q_, k_, v_, is_causal=True, **sdpa).transpose(1, 2)
         mask = self._make_causal_mask(q_len, k_len, offset, q.device)
         if attention_mask is not None:
             mask = mask & attention_mask[:, None, None, :].to(device=q.device, dtype=torch.bool)
-        out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask, scale=scale)
+        out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask, **sdpa)
         out = torch.where(mask.any(-1, keepdim=True), out, out.new_zeros(()))
         return out.transpose(1, 2)
 

@@ -4,6 +4,20 @@ Shared by Qwen3-MoE and Qwen3.5-MoE: both route with softmax -> top-k -> (option
 renormalise, like TransformerLens's ``MoE``; this subclass keeps its parameter names (so
 TransformerLens's ``fold_ln`` folds into the router and every expert) and adds the hooks an
 analysis of routing needs.
+
+The experts' weights are stored the way HF's fused ``Qwen3MoeExperts`` stores them: every
+expert's ``W_gate`` / ``W_in`` are the two halves of one ``(E, 2 d_mlp, d_model)`` tensor and
+its ``W_out`` a slice of one ``(E, d_model, d_mlp)`` tensor (TransformerLens's per-expert
+``nn.Linear`` parameters are views into them). So, when no expert hook point is hooked and no
+gradient must reach the experts, the experts can run as transformers' own ``grouped_mm`` path
+does: tokens sorted by expert, two ``torch.nn.functional.grouped_mm`` calls, no Python loop over
+experts, the same bits as HF's default ``experts_implementation="grouped_mm"``. ``grouped``
+picks it: ``"auto"`` (the default) wherever transformers' own dispatch would use grouped_mm (CPU;
+CUDA from compute capability 8.0, in bf16 / fp16), ``True`` / ``False`` force it (fp64 always
+loops: grouped_mm has no fp64 kernel)
+(:func:`set_grouped_experts`). Otherwise, and whenever an expert or its ``hook_gate`` /
+``hook_pre`` / ``hook_post`` is hooked or a gradient must reach the experts, TransformerLens's
+per-expert loop runs, and those hooks fire per expert as before.
 """
 
 from __future__ import annotations
@@ -12,13 +26,17 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformer_lens.components import TransformerBlock
 from transformer_lens.components.mlps.moe import MoE
 from transformer_lens.config.hooked_transformer_config import HookedTransformerConfig
 from transformer_lens.hook_points import HookPoint
 
-from ._attention import use_fused_attention
+from ._attention import is_hooked, use_fused_attention
 from ._memory_layout import use_hf_memory_layout
+
+_EXPERT_HOOKS = ("hook_gate", "hook_pre", "hook_post")
+_GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what grouped_mm multiplies
 
 
 class RoutedMoE(MoE):
@@ -44,6 +62,86 @@ class RoutedMoE(MoE):
         # TransformerLens creates the experts' nn.Linear layers in the default dtype, not cfg.dtype.
         self.to(cfg.dtype)
         self.hook_router_logits = HookPoint()
+        self.grouped: bool | str = "auto"
+        self._stack_experts()
+
+    # --------------------------------------------------------------- stacked expert weights
+    def _stack_experts(self) -> None:
+        """Re-store the experts' weights as views of one gate/up and one down tensor (HF's layout)."""
+        if self.stacked_experts() is not None:
+            return
+        first = self.experts[0]
+        d_mlp, d_model = first.W_in.weight.shape
+        like = first.W_in.weight
+        gate_up = torch.empty(self.num_experts, 2 * d_mlp, d_model, dtype=like.dtype, device=like.device)
+        down = torch.empty(self.num_experts, d_model, d_mlp, dtype=like.dtype, device=like.device)
+        for e, expert in enumerate(self.experts):
+            for linear, view in ((expert.W_gate, gate_up[e, :d_mlp]), (expert.W_in, gate_up[e, d_mlp:]),
+                                 (expert.W_out, down[e])):
+                old = linear.weight
+                if old.device.type != "meta":
+                    with torch.no_grad():
+                        view.copy_(old)
+                linear._parameters["weight"] = nn.Parameter(view, requires_grad=old.requires_grad)
+
+    def _apply(self, fn, recurse=True):
+        # Moving or casting gives every parameter storage of its own: store them stacked again.
+        out = super()._apply(fn, recurse)
+        self._stack_experts()
+        return out
+
+    def stacked_experts(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(gate_up (E, 2 d_mlp, d_model), down (E, d_model, d_mlp))``, views of the experts'
+        parameters, while those lie in HF's fused layout in one storage each (they do after
+        loading, ``fold_ln`` and ``.to()``); ``None`` once one was replaced some other way."""
+        first = self.experts[0]
+        g0, o0 = first.W_gate.weight, first.W_out.weight
+        d_mlp, d_model = g0.shape
+        block, size = d_mlp * d_model, g0.element_size()
+
+        def at(t: torch.Tensor, base: torch.Tensor, offset: int) -> bool:
+            return (t.is_contiguous() and t.dtype == base.dtype and t.device == base.device
+                    and t.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+                    and t.data_ptr() == base.data_ptr() + offset * size)
+
+        for e, expert in enumerate(self.experts):
+            if not (at(expert.W_gate.weight, g0, 2 * e * block) and at(expert.W_in.weight, g0, (2 * e + 1) * block)
+                    and at(expert.W_out.weight, o0, e * block) and o0.dtype == g0.dtype):
+                return None
+        E = self.num_experts
+        return (g0.as_strided((E, 2 * d_mlp, d_model), (2 * block, d_model, 1)),
+                o0.as_strided((E, d_model, d_mlp), (block, d_mlp, 1)))
+
+    def uses_grouped(self, x: torch.Tensor) -> bool:
+        """Whether this forward takes the grouped path (see the module docstring)."""
+        if self.grouped is False or not hasattr(F, "grouped_mm") or x.dtype not in _GROUPED_DTYPES:
+            return False
+        if self.grouped == "auto" and x.device.type != "cpu" and not (
+                x.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16)
+                and torch.cuda.get_device_capability(x.device) >= (8, 0)):
+            return False
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.experts.parameters()):
+            return False
+        if any(is_hooked(expert) or any(is_hooked(getattr(expert, h)) for h in _EXPERT_HOOKS)
+               for expert in self.experts):
+            return False
+        return self.stacked_experts() is not None
+
+    def _grouped_experts(self, flat_x: torch.Tensor, flat_indices: torch.Tensor,
+                         flat_weights: torch.Tensor) -> torch.Tensor:
+        """All experts in two grouped GEMMs, the way transformers' ``grouped_mm`` experts run."""
+        gate_up, down = self.stacked_experts()
+        n_tokens, top_k = flat_indices.shape
+        expert_ids, order = flat_indices.reshape(-1).sort()
+        offsets = torch.bincount(expert_ids, minlength=self.num_experts).cumsum(0).to(torch.int32)
+        tokens = flat_x[order // top_k].to(gate_up.dtype)
+        gate, up = F.grouped_mm(tokens, gate_up.transpose(-2, -1), offs=offsets).chunk(2, dim=-1)
+        hidden = self.experts[0].act_fn(gate) * up
+        out = F.grouped_mm(hidden, down.transpose(-2, -1), offs=offsets)
+        out = out * flat_weights.reshape(-1)[order, None]
+        restored = torch.empty_like(out)
+        restored[order] = out
+        return restored.view(n_tokens, top_k, -1).sum(1).to(flat_x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, pos, d_model = x.shape
@@ -58,6 +156,8 @@ class RoutedMoE(MoE):
         flat_x = x.reshape(-1, d_model)
         flat_indices = indices.reshape(-1, self.experts_per_token)
         flat_weights = weights.reshape(-1, self.experts_per_token)
+        if self.uses_grouped(x):
+            return self._grouped_experts(flat_x, flat_indices, flat_weights).reshape(batch, pos, d_model)
         out = torch.zeros_like(flat_x)
         for expert in torch.unique(flat_indices).tolist():  # ascending, like HF: same sum order
             token, slot = torch.where(flat_indices == expert)
@@ -83,3 +183,12 @@ def mixed_block(cfg: HookedTransformerConfig, block_index: int, moe: type[MoE] |
         if getattr(module, "cfg", None) is dense_cfg:
             module.cfg = cfg
     return use_hf_memory_layout(use_fused_attention(block))
+
+
+def set_grouped_experts(model: nn.Module, grouped: bool | str) -> None:
+    """Set the experts path of every routed MoE in ``model``: ``"auto"``, ``True`` or ``False``."""
+    if grouped not in ("auto", True, False):
+        raise ValueError(f"grouped must be 'auto', True or False, got {grouped!r}")
+    for module in model.modules():
+        if isinstance(module, RoutedMoE):
+            module.grouped = grouped

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..backends import Backend, Intervention, Prompts, ResidualBatch
+from ..sae.metrics import ExplainedVariance
 
 DENSE_THRESHOLD = 0.1
 """A feature active on more than this fraction of tokens counts as dense."""
@@ -70,42 +71,11 @@ class LayerEval:
         return {key: None if isinstance(value, float) and math.isnan(value) else value for key, value in out.items()}
 
 
-class _Variance:
-    """Streaming explained variance ``1 - E||x - x_hat||^2 / (E||x||^2 - ||E x||^2)``.
-
-    The arithmetic of SAELens's ``ExplainedVarianceCalculator``: batch sums in at least float32,
-    accumulated in float64 on the CPU (the variance is a difference of two large, close numbers).
-    """
-
-    def __init__(self) -> None:
-        self.sum_x: Tensor | None = None
-        self.sum_squared_norm = 0.0
-        self.sum_squared_residual = 0.0
-        self.num_samples = 0
-
-    def add_batch(self, x_hat: Tensor, x: Tensor) -> None:
-        x = x.to(torch.promote_types(x.dtype, torch.float32))
-        batch_sum = x.sum(0).to("cpu", torch.float64)
-        self.sum_x = batch_sum if self.sum_x is None else self.sum_x + batch_sum
-        self.sum_squared_norm += x.pow(2).sum().item()
-        self.sum_squared_residual += (x - x_hat).pow(2).sum().item()
-        self.num_samples += x.shape[0]
-
-    def compute(self) -> float:
-        if self.num_samples == 0 or self.sum_x is None:
-            return 0.0
-        variance = self.sum_squared_norm / self.num_samples - (self.sum_x / self.num_samples).pow(2).sum().item()
-        mse = self.sum_squared_residual / self.num_samples
-        if variance < 1e-10:
-            return 1.0 if mse < 1e-10 else 0.0
-        return 1.0 - mse / variance
-
-
 class _Statistics:
     """Streaming reconstruction and sparsity statistics of one SAE."""
 
     def __init__(self, d_sae: int, top_n: int) -> None:
-        self.variance = _Variance()
+        self.variance = ExplainedVariance()
         self.fires = torch.zeros(d_sae, dtype=torch.long)
         self.cosine = 0.0
         self.l0 = 0
@@ -128,12 +98,7 @@ class _Statistics:
     def merge(self, other: _Statistics) -> None:
         """Add ``other``'s batches after this one's: the same operations, in the same order, as adding
         those batches here (so a data-parallel fold in batch order is bit-identical)."""
-        mine, theirs = self.variance, other.variance
-        if theirs.sum_x is not None:
-            mine.sum_x = theirs.sum_x if mine.sum_x is None else mine.sum_x + theirs.sum_x
-        mine.sum_squared_norm += theirs.sum_squared_norm
-        mine.sum_squared_residual += theirs.sum_squared_residual
-        mine.num_samples += theirs.num_samples
+        self.variance.merge(other.variance)
         self.fires += other.fires
         self.cosine += other.cosine
         self.l0 += other.l0
