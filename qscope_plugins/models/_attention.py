@@ -26,19 +26,19 @@ from torch.nn.modules import module as _torch_module
 from transformer_lens.components import AbstractAttention, Attention, GroupedQueryAttention
 
 
-def is_hooked(point: nn.Module) -> bool:
-    """Whether running ``point`` may call anything but its own forward: a forward, pre or
+def is_hooked(*points: nn.Module) -> bool:
+    """Whether running any of ``points`` may call anything but its own forward: a forward, pre or
     backward hook on it, a global module hook, or a replaced instance ``forward``."""
-    return bool(
+    if (_torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks
+            or _torch_module._global_backward_hooks or _torch_module._global_backward_pre_hooks):
+        return True
+    return any(
         point._forward_hooks
         or point._forward_pre_hooks
         or point._backward_hooks
         or point._backward_pre_hooks
         or "forward" in vars(point)
-        or _torch_module._global_forward_hooks
-        or _torch_module._global_forward_pre_hooks
-        or _torch_module._global_backward_hooks
-        or _torch_module._global_backward_pre_hooks
+        for point in points
     )
 
 

@@ -66,8 +66,15 @@ class RoutedMoE(MoE):
         self._stack_experts()
 
     # --------------------------------------------------------------- stacked expert weights
+    def _expert_weights(self) -> list[torch.Tensor]:
+        """Every expert's ``W_gate``, ``W_in``, ``W_out`` weight, in that order (no module lookups:
+        this runs on every forward)."""
+        return [linear._parameters["weight"] for expert in self.experts._modules.values()
+                for linear in (expert._modules["W_gate"], expert._modules["W_in"], expert._modules["W_out"])]
+
     def _stack_experts(self) -> None:
         """Re-store the experts' weights as views of one gate/up and one down tensor (HF's layout)."""
+        self._stacked_cache = None  # drop views of storage that may just have been moved or cast
         if self.stacked_experts() is not None:
             return
         first = self.experts[0]
@@ -93,20 +100,34 @@ class RoutedMoE(MoE):
     def stacked_experts(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(gate_up (E, 2 d_mlp, d_model), down (E, d_model, d_mlp))``, views of the experts'
         parameters, while those lie in HF's fused layout in one storage each (they do after
-        loading, ``fold_ln`` and ``.to()``); ``None`` once one was replaced some other way."""
-        first = self.experts[0]
-        g0, o0 = first.W_gate.weight, first.W_out.weight
+        loading, ``fold_ln`` and ``.to()``); ``None`` once one was replaced some other way.
+
+        The answer is kept until a weight's address changes (a replaced parameter, ``.data =``,
+        ``.to()``), so a forward pays one address read per weight, not the layout check."""
+        return self._stacked(self._expert_weights())
+
+    def _stacked(self, weights: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        key = tuple(w.data_ptr() for w in weights)
+        cached = getattr(self, "_stacked_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        self._stacked_cache = (key, self._check_stacked(weights))
+        return self._stacked_cache[1]
+
+    def _check_stacked(self, weights: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        g0, o0 = weights[0], weights[2]
         d_mlp, d_model = g0.shape
         block, size = d_mlp * d_model, g0.element_size()
+        storages = (g0.untyped_storage().data_ptr(), o0.untyped_storage().data_ptr())
 
-        def at(t: torch.Tensor, base: torch.Tensor, offset: int) -> bool:
-            return (t.is_contiguous() and t.dtype == base.dtype and t.device == base.device
-                    and t.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
-                    and t.data_ptr() == base.data_ptr() + offset * size)
+        def at(t: torch.Tensor, base: torch.Tensor, storage: int, offset: int) -> bool:
+            return (t.is_contiguous() and t.dtype == g0.dtype and t.device == base.device
+                    and t.untyped_storage().data_ptr() == storage and t.data_ptr() == base.data_ptr() + offset * size)
 
-        for e, expert in enumerate(self.experts):
-            if not (at(expert.W_gate.weight, g0, 2 * e * block) and at(expert.W_in.weight, g0, (2 * e + 1) * block)
-                    and at(expert.W_out.weight, o0, e * block) and o0.dtype == g0.dtype):
+        for e in range(self.num_experts):
+            gate, up, down = weights[3 * e:3 * e + 3]
+            if not (at(gate, g0, storages[0], 2 * e * block) and at(up, g0, storages[0], (2 * e + 1) * block)
+                    and at(down, o0, storages[1], e * block)):
                 return None
         E = self.num_experts
         return (g0.as_strided((E, 2 * d_mlp, d_model), (2 * block, d_model, 1)),
@@ -114,23 +135,29 @@ class RoutedMoE(MoE):
 
     def uses_grouped(self, x: torch.Tensor) -> bool:
         """Whether this forward takes the grouped path (see the module docstring)."""
+        return self._grouped_weights(x) is not None
+
+    def _grouped_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The stacked weights when this forward takes the grouped path, else ``None``."""
         if self.grouped is False or not hasattr(F, "grouped_mm") or x.dtype not in _GROUPED_DTYPES:
-            return False
+            return None
         if self.grouped == "auto" and x.device.type != "cpu" and not (
                 x.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16)
                 and torch.cuda.get_device_capability(x.device) >= (8, 0)):
-            return False
-        if torch.is_grad_enabled() and any(p.requires_grad for p in self.experts.parameters()):
-            return False
-        if any(is_hooked(expert) or any(is_hooked(getattr(expert, h)) for h in _EXPERT_HOOKS)
-               for expert in self.experts):
-            return False
-        return self.stacked_experts() is not None
+            return None
+        weights = self._expert_weights()
+        if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+            return None
+        points = [point for expert in self.experts._modules.values()
+                  for point in (expert, *(expert._modules[h] for h in _EXPERT_HOOKS))]
+        if is_hooked(*points):
+            return None
+        return self._stacked(weights)
 
-    def _grouped_experts(self, flat_x: torch.Tensor, flat_indices: torch.Tensor,
-                         flat_weights: torch.Tensor) -> torch.Tensor:
+    def _grouped_experts(self, flat_x: torch.Tensor, flat_indices: torch.Tensor, flat_weights: torch.Tensor,
+                         stacked: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """All experts in two grouped GEMMs, the way transformers' ``grouped_mm`` experts run."""
-        gate_up, down = self.stacked_experts()
+        gate_up, down = stacked
         n_tokens, top_k = flat_indices.shape
         expert_ids, order = flat_indices.reshape(-1).sort()
         offsets = torch.bincount(expert_ids, minlength=self.num_experts).cumsum(0).to(torch.int32)
@@ -156,8 +183,9 @@ class RoutedMoE(MoE):
         flat_x = x.reshape(-1, d_model)
         flat_indices = indices.reshape(-1, self.experts_per_token)
         flat_weights = weights.reshape(-1, self.experts_per_token)
-        if self.uses_grouped(x):
-            return self._grouped_experts(flat_x, flat_indices, flat_weights).reshape(batch, pos, d_model)
+        stacked = self._grouped_weights(x)
+        if stacked is not None:
+            return self._grouped_experts(flat_x, flat_indices, flat_weights, stacked).reshape(batch, pos, d_model)
         out = torch.zeros_like(flat_x)
         for expert in torch.unique(flat_indices).tolist():  # ascending, like HF: same sum order
             token, slot = torch.where(flat_indices == expert)
