@@ -244,7 +244,16 @@ def train_sae_on_activations(
 
     if init not in INITS:
         raise ValueError(f"init must be one of {', '.join(map(repr, INITS))}, got {init!r}")
+    if acts.ndim != 2 or not acts.is_floating_point():
+        raise ValueError(f"acts must be a 2-D float tensor (tokens, d_in), got shape {tuple(acts.shape)} {acts.dtype}")
     n, d_in = acts.shape
+    if not 1 <= k <= d_sae:
+        raise ValueError(f"k={k} must be in [1, d_sae={d_sae}]")
+    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if not torch.isfinite(acts).all():
+        raise ValueError("acts contain NaN or Inf")
     steps = epochs * (n // batch_size)
     if steps < 1:
         raise ValueError(f"no training step: {epochs} epoch(s) of {n} activations in batches of {batch_size}")
